@@ -1,0 +1,1277 @@
+"""Hybrid Mamba-2 / GQA-attention U-Net for the Parameter Golf challenge.
+
+One file holds everything a submission counts: env-var hyperparameters, the shard loader, the model
+(attention, Mamba-2 with a chunked SSD scan, the hybrid U-Net), Muon + Adam, the training loop, int6
+GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
+    DRY_RUN=1 python3 train_gpt.py     # resolved config, layer map, parameter counts; no data needed
+    SMOKE=1 python3 train_gpt.py       # whole pipeline on a tiny self-made corpus, CPU, < 3 minutes
+"""
+from __future__ import annotations
+
+import copy, glob, json, lzma, math, os, random, sys, tempfile, time, uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# HYPERPARAMETERS
+# Every knob is read here, once, from the environment; bad values stop the run before any work.
+# ----------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    pass
+
+
+DOWNLOAD_HINT = "python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80"
+DEFAULT_MAMBA_LAYERS = "0,1,2,3,4,6,7,8,9"   # attention at 5 (bottleneck) and 10 (last); see README
+# SMOKE swaps in these defaults (a user's env still wins) so the whole pipeline runs in minutes on a CPU.
+SMOKE_DEFAULTS = dict(
+    VOCAB_SIZE=320, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2.0,
+    MAMBA_LAYERS="0,2,3", MAMBA_D_STATE=16, MAMBA_HEADDIM=16, MAMBA_EXPAND=2.0, MAMBA_CHUNK_SIZE=32,
+    BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096, GRAD_ACCUM_STEPS=1,
+    ITERATIONS=300, WARMDOWN_ITERS=100, WARMUP_STEPS=0, LR_WARMUP_STEPS=10, VAL_BATCH_SIZE=16384,
+    VAL_LOSS_EVERY=100, TRAIN_LOG_EVERY=50, MAX_WALLCLOCK_SECONDS=90, MATRIX_LR=0.02, MAMBA_MATRIX_LR=0.02,
+    SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.99, GPTQ_CALIB_TOKENS=16384, GPTQ_RESERVE_SECONDS=5,
+    EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
+
+
+class Hyperparameters:
+    def __init__(self, environ=None):
+        self._env = dict(os.environ if environ is None else environ)
+        self._errors, self.resolved, self.smoke = [], {}, False
+        self.smoke = self._flag("SMOKE", 0)
+        self.dry_run = self._flag("DRY_RUN", 0)
+        # data and run
+        self.data_path = self._str("DATA_PATH", "./data/datasets/fineweb10B_sp8192")
+        self.tokenizer_path = self._str("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model")
+        self.vocab_size = self._int("VOCAB_SIZE", 8192, 2, 65536)
+        self.run_id = self._str("RUN_ID", time.strftime("run_%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
+        self.seed = self._int("SEED", 1337, 0, 2**31 - 1)
+        self.compile = self._flag("COMPILE", 1)
+        # training length and batch
+        self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
+        self.warmdown_iters = self._int("WARMDOWN_ITERS", 3500, 0, 10**7)
+        self.warmup_steps = self._int("WARMUP_STEPS", 20, 0, 1000)  # compile warm-up, then weights reset
+        self.lr_warmup_steps = self._int("LR_WARMUP_STEPS", 0, 0, 10**6)
+        self.train_batch_tokens = self._int("TRAIN_BATCH_TOKENS", 786_432, 1, 2**30)
+        self.train_seq_len = self._int("TRAIN_SEQ_LEN", 2048, 8, 65536)
+        self.grad_accum_steps = self._int("GRAD_ACCUM_STEPS", 0, 0, 1024)  # 0: 8 // world size
+        self.val_batch_size = self._int("VAL_BATCH_SIZE", 524_288, 1, 2**30)
+        self.val_loss_every = self._int("VAL_LOSS_EVERY", 0, 0, 10**7)
+        self.train_log_every = self._int("TRAIN_LOG_EVERY", 200, 1, 10**7)
+        self.max_wallclock_seconds = self._float("MAX_WALLCLOCK_SECONDS", 600.0, 0.0, 1e6)
+        # model shape
+        self.num_layers = self._int("NUM_LAYERS", 11, 1, 128)
+        self.model_dim = self._int("MODEL_DIM", 512, 8, 16384)
+        self.num_heads = self._int("NUM_HEADS", 8, 1, 256)
+        self.num_kv_heads = self._int("NUM_KV_HEADS", 4, 1, 256)
+        self.mlp_mult = self._float("MLP_MULT", 3.0, 0.0, 64.0)
+        self.tie_embeddings = self._flag("TIE_EMBEDDINGS", 1)
+        self.rope_base = self._float("ROPE_BASE", 10000.0, 1.0, 1e9)
+        self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
+        self.qk_gain_init = self._float("QK_GAIN_INIT", 1.5, 0.0, 100.0)
+        self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
+        self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
+        self.mamba_d_state = self._int("MAMBA_D_STATE", 64, 1, 512)
+        self.mamba_d_conv = self._int("MAMBA_D_CONV", 4, 1, 16)
+        self.mamba_expand = self._float("MAMBA_EXPAND", 2.0, 0.25, 8.0)
+        self.mamba_headdim = self._int("MAMBA_HEADDIM", 64, 1, 1024)
+        self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
+        self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 128, 1, 4096)
+        self.mamba_mlp = self._flag("MAMBA_MLP", 0)
+        self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 2048, 0, 2**20)  # 0: off
+        self.bigram_dim = self._int("BIGRAM_DIM", 128, 1, 4096)
+        # optimizers
+        self.matrix_lr = self._float("MATRIX_LR", 0.04, 0.0, 10.0)
+        self.mamba_matrix_lr = self._float("MAMBA_MATRIX_LR", 0.04, 0.0, 10.0)
+        self.scalar_lr = self._float("SCALAR_LR", 0.04, 0.0, 10.0)
+        self.tied_embed_lr = self._float("TIED_EMBED_LR", 0.05, 0.0, 10.0)
+        self.embed_lr = self._float("EMBED_LR", 0.6, 0.0, 10.0)
+        self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
+        self.muon_momentum = self._float("MUON_MOMENTUM", 0.95, 0.0, 0.9999)
+        self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
+        self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.85, 0.0, 0.9999)
+        self.muon_momentum_warmup_steps = self._int("MUON_MOMENTUM_WARMUP_STEPS", 500, 0, 10**6)
+        self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
+        self.beta2 = self._float("BETA2", 0.95, 0.0, 0.99999)
+        self.adam_eps = self._float("ADAM_EPS", 1e-8, 1e-12, 1e-2)
+        self.grad_clip_norm = self._float("GRAD_CLIP_NORM", 0.3, 0.0, 1e6)  # 0: off
+        self.ema_decay = self._float("EMA_DECAY", 0.997, 0.0, 0.99999)    # 0: off
+        # export
+        self.target_mb = self._float("TARGET_MB", 16.0, 0.1, 16.0)
+        self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 262_144, 0, 2**28)  # per rank; 0: RTN
+        self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 15.0, 0.0, 3600.0)
+        # evaluation
+        self.eval_stride = self._int("EVAL_STRIDE", 64, 0, 65536)  # 0: no sliding eval
+        self.ttt_enabled = self._flag("TTT_ENABLED", 1)
+        self.ttt_lr = self._float("TTT_LR", 0.002, 0.0, 10.0)
+        self.ttt_epochs = self._int("TTT_EPOCHS", 3, 1, 100)
+        self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32768, 16, 2**30)
+        self.ttt_momentum = self._float("TTT_MOMENTUM", 0.9, 0.0, 0.9999)
+        self._cross_checks()
+        if self._errors:
+            raise ConfigError("bad settings:\n  " + "\n  ".join(self._errors))
+
+    def _raw(self, name, default):
+        if self.smoke and name in SMOKE_DEFAULTS:
+            default = SMOKE_DEFAULTS[name]
+        return self._env.get(name), default
+
+    def _num(self, name, default, lo, hi, cast, what):
+        raw, default = self._raw(name, default)
+        value = default
+        if raw is not None and raw.strip() != "":
+            try:
+                value = cast(raw)
+            except ValueError:
+                self._errors.append(f"{name}={raw!r}: expected {what} in [{lo}, {hi}]")
+                return default
+        if not (lo <= value <= hi) or (cast is float and not math.isfinite(value)):
+            self._errors.append(f"{name}={value}: expected {what} in [{lo}, {hi}]")
+        self.resolved[name] = value
+        return value
+
+    def _int(self, name, default, lo, hi):
+        return self._num(name, default, lo, hi, int, "an integer")
+
+    def _float(self, name, default, lo, hi):
+        return self._num(name, default, lo, hi, float, "a number")
+
+    def _flag(self, name, default):
+        return bool(self._num(name, default, 0, 1, int, "0 or 1"))
+
+    def _str(self, name, default):
+        raw, default = self._raw(name, default)
+        self.resolved[name] = raw if raw else default
+        return self.resolved[name]
+
+    def _layers(self, name, default):
+        raw, default = self._raw(name, default)
+        text = default if raw is None else raw  # set-but-empty means: no Mamba layers
+        try:
+            layers = sorted({int(t) for t in text.replace(" ", "").split(",") if t})
+        except ValueError:
+            self._errors.append(f"{name}={text!r}: expected comma-separated layer indices, e.g. 0,1,2")
+            layers = []
+        self.resolved[name] = ",".join(map(str, layers))
+        return layers
+
+    def _cross_checks(self):
+        e = self._errors.append
+        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+            e(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
+        if self.num_heads % self.num_kv_heads:
+            e(f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
+        bad = [i for i in self.mamba_layers if not 0 <= i < self.num_layers]
+        if bad:
+            e(f"MAMBA_LAYERS has {bad}: expected indices in [0, {self.num_layers - 1}] (NUM_LAYERS={self.num_layers})")
+        d_inner = self.mamba_d_inner
+        if d_inner % self.mamba_headdim:
+            e(f"MAMBA_EXPAND*MODEL_DIM={d_inner} must be a multiple of MAMBA_HEADDIM={self.mamba_headdim}")
+        elif (d_inner // self.mamba_headdim) % self.mamba_ngroups:
+            e(f"Mamba heads ({d_inner // self.mamba_headdim}) must be a multiple of MAMBA_NGROUPS={self.mamba_ngroups}")
+        if self.eval_stride > self.train_seq_len:
+            e(f"EVAL_STRIDE={self.eval_stride} must be at most TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.ttt_enabled and self.eval_stride == 0:
+            e("TTT_ENABLED=1 scores through sliding windows: set EVAL_STRIDE > 0")
+
+    @property
+    def mamba_d_inner(self):
+        return int(round(self.mamba_expand * self.model_dim))
+
+    def resolve_world(self, world_size):
+        """Batch geometry depends on the number of ranks; checked once they are known."""
+        if self.grad_accum_steps == 0:
+            self.grad_accum_steps = max(1, 8 // world_size)
+        self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps
+        per_micro = world_size * self.grad_accum_steps * self.train_seq_len
+        if self.train_batch_tokens % per_micro:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size ({world_size}) x "
+                f"GRAD_ACCUM_STEPS ({self.grad_accum_steps}) x TRAIN_SEQ_LEN ({self.train_seq_len}) = {per_micro}")
+        if self.val_batch_size < world_size * self.train_seq_len:
+            raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size} must give each of {world_size} ranks at "
+                              f"least one TRAIN_SEQ_LEN={self.train_seq_len} sequence")
+
+# ----------------------------------------------------------------------------------------------
+# DATA: the challenge's shard format, a deterministic rank-sharded loader, bits-per-byte tables
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def load_data_shard(path) -> Tensor:
+    path = Path(path)
+    fix = f"re-download the data: {DOWNLOAD_HINT}"
+    if not path.is_file():
+        raise FileNotFoundError(f"data shard {path} does not exist; {fix}")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"data shard {path}: bad header (want magic {SHARD_MAGIC}, version {SHARD_VERSION}); {fix}")
+    n = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n
+    if n <= 0 or path.stat().st_size != expected:
+        raise ValueError(f"data shard {path}: size {path.stat().st_size} bytes, header says {n} tokens "
+                         f"({expected} bytes): truncated or corrupt; {fix}")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def shard_files(data_path, split):
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards (fineweb_{split}_*.bin) in DATA_PATH={data_path}; "
+                                f"download them: {DOWNLOAD_HINT} (or tokenize your own: data/tokenize_corpus.py)")
+    return files
+
+
+class TokenStream:
+    """Reads the shards in order, wrapping around; every rank walks the same stream."""
+
+    def __init__(self, files):
+        self.files, self.file_idx = files, 0
+        self.tokens, self.pos = load_data_shard(files[0]), 0
+
+    def take(self, n):
+        parts = []
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+            k = min(n, self.tokens.numel() - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return torch.cat(parts)
+
+
+class DistributedTokenLoader:
+    """Each call takes one global micro-batch from the stream; rank r keeps slice r of it."""
+
+    def __init__(self, files, rank, world_size, device):
+        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+
+    def next_batch(self, local_tokens, seq_len):
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        chunk = chunk.to(self.device, dtype=torch.int64, non_blocking=True)
+        return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+
+
+def load_validation_tokens(data_path, seq_len):
+    tokens = torch.cat([load_data_shard(f) for f in shard_files(data_path, "val")])
+    if tokens.numel() <= seq_len:
+        raise ValueError(f"validation split has {tokens.numel()} tokens: too short for TRAIN_SEQ_LEN={seq_len}")
+    return tokens
+
+
+def build_byte_luts(sp, vocab_size):
+    """Byte length of each token as the challenge counts it: a piece's UTF-8 bytes without its leading
+    '▁'; the '▁' adds one byte unless the previous token is a boundary (control/unknown) token."""
+    n = max(int(sp.vocab_size()), vocab_size)
+    base_bytes = np.zeros(n, dtype=np.int16)
+    leading_space = np.zeros(n, dtype=np.bool_)
+    is_boundary = np.ones(n, dtype=np.bool_)
+    for i in range(int(sp.vocab_size())):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            leading_space[i], piece = True, piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base_bytes), torch.from_numpy(leading_space), torch.from_numpy(is_boundary)
+
+
+def target_bytes(prev_ids, target_ids, luts):
+    base_bytes, leading_space, is_boundary = luts
+    return base_bytes[target_ids].to(torch.float64) + (leading_space[target_ids] & ~is_boundary[prev_ids]).to(torch.float64)
+
+# ----------------------------------------------------------------------------------------------
+# MODEL. Kernel call sites (attention_op, causal_conv1d, ssd_scan) are single functions so a fast
+# GPU path can be dispatched there; the PyTorch versions below run anywhere.
+# ----------------------------------------------------------------------------------------------
+
+def attention_op(q, k, v):
+    """Causal GQA attention. q: (B, L, H, D); k, v: (B, L, Hkv, D) -> (B, L, H, D)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def causal_conv1d(x, weight, bias):
+    """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,).
+    Shift-and-add instead of F.conv1d: the (B, L, C) layout needs no transposes and compiles well."""
+    K, L = weight.size(1), x.size(1)
+    xp = F.pad(x, (0, 0, K - 1, 0))
+    out = bias.to(x.dtype) + sum(xp[:, j:j + L] * weight[:, j].to(x.dtype) for j in range(K))
+    return F.silu(out)
+
+
+def segment_sums(a):
+    """a: (..., T) -> (..., T, T) with [t, s] = a[s+1] + ... + a[t] for t >= s, and -inf above the diagonal."""
+    T = a.size(-1)
+    cum = torch.cumsum(a, dim=-1)
+    diff = cum[..., :, None] - cum[..., None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
+    return diff.masked_fill(~causal, float("-inf"))
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
+    """Mamba-2's state-space dual scan, chunked, in plain PyTorch.
+    Per head h: state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T;  y_t = state_t C_t.
+    x: (B, L, H, P); dt: (B, L, H) (already softplus'd); A: (H,); B, C: (B, L, G, N); H % G == 0.
+    Inside a chunk the recurrence is a masked matrix product; chunks are linked by their end states."""
+    out_dtype = x.dtype
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    pad = (-L) % chunk_size
+    x, dt, B, C = (F.pad(t.to(work), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    T, c = L + pad, (L + pad) // chunk_size
+    B = B.repeat_interleave(H // G, dim=2).view(b, c, chunk_size, H, N)
+    C = C.repeat_interleave(H // G, dim=2).view(b, c, chunk_size, H, N)
+    xdt = (x * dt[..., None]).view(b, c, chunk_size, H, P)
+    log_decay = (dt * A.to(work)).view(b, c, chunk_size, H).permute(0, 3, 1, 2)  # (b, H, c, l)
+    cum = torch.cumsum(log_decay, dim=-1)
+    # 1. within each chunk: y_t = sum_{s<=t} C_t.B_s exp(cum_t - cum_s) x_s dt_s
+    decay_in = torch.exp(segment_sums(log_decay))                                 # (b, H, c, l, l)
+    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay_in, xdt)
+    # 2. each chunk's own contribution to the state at its end
+    decay_to_end = torch.exp(cum[..., -1:] - cum)                                 # (b, H, c, l)
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, xdt)
+    # 3. carry states across chunks: entering[k] = sum_{j<k} decay(j->k) chunk_states[j] (+ initial)
+    if initial_state is None:
+        initial_state = torch.zeros(b, H, P, N, dtype=work, device=x.device)
+    states = torch.cat([initial_state.to(work)[:, None], chunk_states], dim=1)  # (b, c+1, H, P, N)
+    chunk_decay = torch.exp(segment_sums(F.pad(cum[..., -1], (1, 0))))           # (b, H, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    entering, final_state = states[:, :-1], states[:, -1]
+    # 4. the entering state's contribution to each position
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(cum))
+    y = y.reshape(b, T, H, P)[:, :L].to(out_dtype)
+    return (y, final_state) if return_final_state else y
+
+
+class CastedLinear(nn.Linear):
+    """Weights stay fp32 for the optimizer; matmuls run in the activations' dtype."""
+
+    def __init__(self, in_features, out_features, zero_init=False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim, base):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+
+    def forward(self, x):  # x: (B, L, H, D)
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(x.device))
+        cos, sin = freqs.cos()[None, :, None].to(x.dtype), freqs.sin()[None, :, None].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, hp):
+        super().__init__()
+        dim, self.heads, self.kv_heads = hp.model_dim, hp.num_heads, hp.num_kv_heads
+        self.head_dim = dim // self.heads
+        self.q = CastedLinear(dim, dim)
+        self.k = CastedLinear(dim, self.kv_heads * self.head_dim)
+        self.v = CastedLinear(dim, self.kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((self.heads,), hp.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, hp.rope_base)
+
+    def forward(self, x):
+        b, L, _ = x.shape
+        q = self.q(x).view(b, L, self.heads, self.head_dim)
+        k = self.k(x).view(b, L, self.kv_heads, self.head_dim)
+        v = self.v(x).view(b, L, self.kv_heads, self.head_dim)
+        q = self.rotary(F.rms_norm(q, (self.head_dim,))) * self.q_gain.to(x.dtype)[:, None]
+        k = self.rotary(F.rms_norm(k, (self.head_dim,)))
+        return self.proj(attention_op(q, k, v).reshape(b, L, -1))
+
+
+class Mamba2(nn.Module):
+    """in_proj -> [z, x, B, C, dt]; causal conv over (x, B, C); SSD scan with a scalar A per head;
+    skip D; RMSNorm gated by z; out_proj."""
+
+    def __init__(self, hp):
+        super().__init__()
+        dim, self.d_state, self.ngroups = hp.model_dim, hp.mamba_d_state, hp.mamba_ngroups
+        self.d_inner, self.headdim, self.chunk_size = hp.mamba_d_inner, hp.mamba_headdim, hp.mamba_chunk_size
+        self.nheads = self.d_inner // self.headdim
+        self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+        self.in_proj = CastedLinear(dim, self.d_inner + self.conv_dim + self.nheads)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, hp.mamba_d_conv).uniform_(-1, 1) / math.sqrt(hp.mamba_d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim))
+        # dt in [1e-3, 1e-1] log-uniformly at init; A in [-16, -1]: a spread of memory lengths per head
+        dt = torch.exp(torch.empty(self.nheads).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = CastedLinear(self.d_inner, dim, zero_init=True)
+
+    def forward(self, u):
+        b, L, _ = u.shape
+        gn = self.ngroups * self.d_state
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        x, B, C = causal_conv1d(xBC, self.conv_weight, self.conv_bias).split([self.d_inner, gn, gn], dim=-1)
+        x = x.reshape(b, L, self.nheads, self.headdim)
+        dt = F.softplus(dt.float() + self.dt_bias)
+        y = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B.view(b, L, self.ngroups, -1),
+                     C.view(b, L, self.ngroups, -1), self.chunk_size)
+        y = (y + x * self.D.to(x.dtype)[:, None]).reshape(b, L, self.d_inner)
+        y = F.rms_norm(y * F.silu(z), (self.d_inner,)) * self.norm_weight.to(y.dtype)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, mult):
+        super().__init__()
+        hidden = int(round(mult * dim))
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x):
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp, is_mamba):
+        super().__init__()
+        dim = hp.model_dim
+        self.mixer = Mamba2(hp) if is_mamba else Attention(hp)
+        self.mlp = MLP(dim, hp.mlp_mult) if (hp.mlp_mult > 0 and (hp.mamba_mlp or not is_mamba)) else None
+        self.mixer_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim)) if self.mlp is not None else None
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
+
+    def forward(self, x, x0):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.mixer_scale.to(x.dtype) * self.mixer(F.rms_norm(x, (x.size(-1),)))
+        if self.mlp is not None:
+            x = x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+        return x
+
+
+class BigramHash(nn.Module):
+    """An embedding of a hash of (previous token, token), projected into the residual stream."""
+
+    def __init__(self, buckets, dim, model_dim):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(dim, model_dim, zero_init=True)
+
+    def forward(self, ids):
+        prev = F.pad(ids[:, :-1], (1, 0), value=-1)
+        h = torch.where(prev < 0, self.buckets - 1, (prev * 36313 + ids * 27191) % (self.buckets - 1))
+        return self.proj(self.embed(h))
+
+
+class HybridGPT(nn.Module):
+    """U-Net over layers: the first half's outputs feed the second half in reverse order through learned
+    per-channel skip weights. MAMBA_LAYERS picks which layers mix with Mamba-2, the rest with attention."""
+
+    def __init__(self, hp):
+        super().__init__()
+        self.softcap, self.vocab_size = hp.logit_softcap, hp.vocab_size
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab_size else None
+        self.is_mamba = [i in hp.mamba_layers for i in range(hp.num_layers)]
+        self.blocks = nn.ModuleList(Block(hp, m) for m in self.is_mamba)
+        self.num_encoder = hp.num_layers // 2
+        self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+
+    def skip_map(self):
+        """{decoder layer: encoder layer whose output it receives}."""
+        return {self.num_encoder + j: self.num_encoder - 1 - j for j in range(self.num_skips)}
+
+    def logits(self, ids):
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = x0 = F.rms_norm(x, (x.size(-1),))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and i - self.num_encoder < self.num_skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder:
+                skips.append(x)
+        x = F.rms_norm(x, (x.size(-1),))
+        logits = F.linear(x, (self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).to(x.dtype))
+        if self.softcap > 0:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    def forward(self, ids, targets):
+        """Per-token cross-entropy in fp32, shape of targets."""
+        logits = self.logits(ids).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+
+
+def parameter_report(model):
+    """Parameter counts by part, for the DRY_RUN and startup logs."""
+    parts = {}
+    for name, p in model.named_parameters():
+        if name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            kind = "mamba" if model.is_mamba[i] else "attention"
+            part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
+        else:
+            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head"}.get(name.split(".")[0], "skips")
+        parts[part] = parts.get(part, 0) + p.numel()
+    parts["total"] = sum(p.numel() for p in model.parameters())
+    return parts
+
+# ----------------------------------------------------------------------------------------------
+# OPTIMIZERS: Muon for every 2-D matrix (attention, MLP, Mamba projections), Adam for the rest
+# ----------------------------------------------------------------------------------------------
+
+def newton_schulz_orthogonalize(G, steps, eps=1e-7):
+    """Approximate U V^T of G = U S V^T with a quintic iteration tuned for speed over exactness."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = X / (X.norm() + eps)
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then orthogonalized updates. Ranks split the Newton-Schulz work round-robin and
+    share results with one all-reduce, so every rank applies the same update."""
+
+    def __init__(self, params, lr, momentum, backend_steps):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
+                    flat[offset:offset + p.numel()] = (g * max(1.0, p.size(0) / p.size(1)) ** 0.5).reshape(-1)
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model, hp):
+    """Every parameter lands in exactly one group; each group's base_lr is scaled by the schedule."""
+    matrices, mamba_matrices, embeddings, head, scalars = [], [], [], [], []
+    for name, p in model.named_parameters():
+        if name.startswith("tok_emb.") or name.startswith("bigram.embed."):
+            embeddings.append(p)
+        elif name.startswith("lm_head."):
+            head.append(p)
+        elif p.ndim == 2 and name.endswith(".weight") and not name.startswith("skip_weights"):
+            (mamba_matrices if ".mixer.in_proj." in name or ".mixer.out_proj." in name else matrices).append(p)
+        else:
+            scalars.append(p)
+    muon_groups = [dict(params=g, lr=lr, base_lr=lr) for g, lr in
+                   ((matrices, hp.matrix_lr), (mamba_matrices, hp.mamba_matrix_lr)) if g]
+    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
+    adam_groups = [dict(params=g, lr=lr, base_lr=lr) for g, lr in
+                   ((embeddings, embed_lr), (head, hp.head_lr), (scalars, hp.scalar_lr)) if g]
+    opts = [torch.optim.Adam(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
+                             fused=next(model.parameters()).is_cuda)]
+    if muon_groups:
+        opts.append(Muon(muon_groups, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps))
+    return opts
+
+# ----------------------------------------------------------------------------------------------
+# TRAINING
+# ----------------------------------------------------------------------------------------------
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_scale(step, elapsed_s, hp, train_budget_s):
+    """Linear warmup, flat, then linear warmdown over the last WARMDOWN_ITERS steps; with a wall
+    clock, the warmdown is placed by time, using the mean step time so far."""
+    warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps else 1.0
+    if hp.warmdown_iters == 0:
+        return warm
+    if train_budget_s > 0 and step > 0:
+        warmdown_s = hp.warmdown_iters * elapsed_s / step
+        remaining_s = max(train_budget_s - elapsed_s, 0.0)
+        return warm * min(1.0, remaining_s / max(warmdown_s, 1e-9))
+    return warm * min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+
+
+class EMA:
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.params = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model):
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        for p, e in zip(model.parameters(), self.params):
+            p.copy_(e.to(p.dtype))
+
+
+def autocast(device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_step(model, opts, loader, hp, ctx, step, elapsed_s, train_budget_s):
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean train loss (float)."""
+    local_tokens = hp.train_batch_tokens // (ctx.world_size * hp.grad_accum_steps)
+    total = torch.zeros((), device=ctx.device)
+    for micro in range(hp.grad_accum_steps):
+        x, y = loader.next_batch(local_tokens, hp.train_seq_len)
+        sync = micro == hp.grad_accum_steps - 1
+        with (model.no_sync() if ctx.distributed and not sync else _nullcontext()), autocast(ctx.device):
+            loss = model(x, y).mean()
+        (loss / hp.grad_accum_steps).backward()
+        total += loss.detach() / hp.grad_accum_steps
+    scale = lr_scale(step, elapsed_s, hp, train_budget_s)
+    frac = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps else 1.0
+    for opt in opts:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+            if isinstance(opt, Muon):
+                g["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+    if hp.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
+    for opt in opts:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    if ctx.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return total.item()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def check_finite(loss, step, last_finite):
+    if not math.isfinite(loss):
+        last = "none yet" if last_finite is None else f"{last_finite[1]:.4f} at step {last_finite[0]}"
+        raise NonFiniteLoss(f"non-finite train loss {loss} at step {step}; last finite loss: {last}. "
+                            "Lower the learning rates or raise GRAD_CLIP_NORM's strength.")
+
+# ----------------------------------------------------------------------------------------------
+# QUANTIZATION AND EXPORT: int6 GPTQ for large matrices, int8 embeddings, float for the small and
+# SSM-control tensors; a JSON header + raw bytes, LZMA-compressed. No pickle anywhere.
+# ----------------------------------------------------------------------------------------------
+
+INT6_MAX, INT8_MAX = 31, 127
+
+
+def quant_kind(name, p):
+    if name.startswith("tok_emb.") or name.startswith("bigram.embed.") or name.startswith("lm_head."):
+        return "int8"
+    if p.ndim == 2 and name.endswith(".weight"):
+        return "int6"
+    return "float"
+
+
+def row_scales(w, qmax):
+    # fp16 is how scales are stored, so round first: the quantizer then sees the exact stored scale
+    return (w.abs().amax(dim=1) / qmax).clamp_min(1e-8).half().float()
+
+
+def quantize_rtn(w, qmax):
+    scale = row_scales(w, qmax)
+    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8), scale
+
+
+def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01):
+    """GPTQ: quantize columns one at a time (largest Hessian diagonal first), pushing each column's
+    rounding error onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor."""
+    W = w.float().clone()
+    H = H.float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    order = torch.argsort(torch.diag(H), descending=True)
+    W, H = W[:, order], H[order][:, order]
+    H += damp * torch.diag(H).mean() * torch.eye(cols, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    scale = row_scales(W, qmax)
+    Q = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            q = torch.clamp(torch.round(W1[:, i] / scale), -qmax, qmax)
+            Q[:, i1 + i] = q.to(torch.int8)
+            err = (W1[:, i] - q * scale) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            errors[:, i] = err
+        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(order)], scale
+
+
+def pack_int6(q):
+    """Signed int6 values (flat) -> 3 bytes per 4 values."""
+    u = (q.reshape(-1).to(torch.int32) + 32).numpy().astype(np.uint32)
+    u = np.concatenate([u, np.zeros((-len(u)) % 4, np.uint32)]).reshape(-1, 4)
+    word = u[:, 0] | (u[:, 1] << 6) | (u[:, 2] << 12) | (u[:, 3] << 18)
+    return np.stack([word & 255, (word >> 8) & 255, word >> 16], axis=1).astype(np.uint8).tobytes()
+
+
+def unpack_int6(data, n):
+    b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).astype(np.uint32)
+    word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+    u = np.stack([(word >> s) & 63 for s in (0, 6, 12, 18)], axis=1).reshape(-1)[:n]
+    return torch.from_numpy(u.astype(np.int8) - 32)
+
+
+def collect_hessians(model, batches, ctx, names):
+    """H = sum over calibration tokens of x x^T for the input x of each named linear layer."""
+    modules = dict(model.named_modules())
+    hessians, hooks = {}, []
+    for name in names:
+        mod = modules[name.removesuffix(".weight")]
+        hessians[name] = torch.zeros(mod.in_features, mod.in_features, device=ctx.device)
+
+        def hook(m, inputs, key=name):
+            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+            hessians[key].addmm_(x.T, x)
+        hooks.append(mod.register_forward_pre_hook(hook))
+    model.eval()
+    with torch.no_grad(), autocast(ctx.device):
+        for x, y in batches:
+            model(x, y)
+    for h in hooks:
+        h.remove()
+    if ctx.distributed:
+        for H in hessians.values():
+            dist.all_reduce(H)
+    return hessians
+
+
+def quantize_model(model, hessians, deadline=None, log=print):
+    """-> {name: (kind, payload)}: int6 via GPTQ where a Hessian exists (RTN past the deadline)."""
+    out, late = {}, 0
+    for name, p in model.state_dict().items():
+        w = p.detach().float().cpu()
+        kind = quant_kind(name, p)
+        if kind == "int6":
+            if name in hessians and (deadline is None or time.time() < deadline):
+                q, s = quantize_gptq(w.to(hessians[name].device), hessians[name])
+                q, s = q.cpu(), s.cpu()
+            else:
+                late += name in hessians
+                q, s = quantize_rtn(w, INT6_MAX)
+            out[name] = (kind, q, s)
+        elif kind == "int8":
+            out[name] = (kind, *quantize_rtn(w, INT8_MAX))
+        else:
+            out[name] = (kind, w, None)
+    if late:
+        log(f"WARNING: wall clock reached during GPTQ: {late} matrices fell back to round-to-nearest")
+    return out
+
+
+def serialize(quantized, preset=9):
+    """The artifact: LZMA( uint32 header length | JSON header | raw tensor bytes )."""
+    entries, blobs, offset = [], [], 0
+    for name, (kind, q, s) in quantized.items():
+        if kind == "float":
+            parts = [q.numpy().astype("<f4").tobytes()]
+        else:
+            data = pack_int6(q) if kind == "int6" else q.numpy().astype(np.int8).tobytes()
+            parts = [s.numpy().astype("<f2").tobytes(), data]
+        entries.append(dict(name=name, kind=kind, shape=list(q.shape), sizes=[len(b) for b in parts]))
+        blobs += parts
+    header = json.dumps(entries).encode()
+    raw = len(header).to_bytes(4, "little") + header + b"".join(blobs)
+    return lzma.compress(raw, preset=preset)
+
+
+def deserialize(blob):
+    """Artifact bytes -> state dict of float tensors (dequantized)."""
+    raw = lzma.decompress(blob)
+    n = int.from_bytes(raw[:4], "little")
+    entries, pos, state = json.loads(raw[4:4 + n]), 4 + n, {}
+    for e in entries:
+        parts = []
+        for size in e["sizes"]:
+            parts.append(raw[pos:pos + size])
+            pos += size
+        shape, numel = e["shape"], math.prod(e["shape"])
+        if e["kind"] == "float":
+            state[e["name"]] = torch.from_numpy(np.frombuffer(parts[0], "<f4").copy()).view(shape)
+            continue
+        scale = torch.from_numpy(np.frombuffer(parts[0], "<f2").astype(np.float32))
+        q = unpack_int6(parts[1], numel) if e["kind"] == "int6" else torch.from_numpy(np.frombuffer(parts[1], np.int8).copy())
+        state[e["name"]] = (q.view(shape).float() * scale[:, None])
+    return state
+
+
+def prune_to_fit(quantized, limit_bytes, log=print, tries=7):
+    """Over the cap: zero the +-1 int6 values in the rows of smallest scale (least output change, and
+    zeros compress best), bisecting on how many. Fails loudly if even pruning all of them is not enough."""
+    candidates = []
+    for name, (kind, q, s) in quantized.items():
+        if kind == "int6":
+            r, c = torch.nonzero(q.abs() == 1, as_tuple=True)
+            candidates.append((s[r], name, r, c))
+    if not candidates:
+        raise SystemExit("artifact over the size cap and nothing to prune: shrink the model")
+    costs = torch.cat([c[0] for c in candidates])
+    order = torch.argsort(costs)
+
+    def pruned(k):
+        chosen = torch.zeros(len(costs), dtype=torch.bool)
+        chosen[order[:k]] = True
+        out, start = dict(quantized), 0
+        for cost, name, r, c in candidates:
+            sel = chosen[start:start + len(cost)]
+            start += len(cost)
+            kind, q, s = quantized[name]
+            q = q.clone()
+            q[r[sel], c[sel]] = 0
+            out[name] = (kind, q, s)
+        return out
+
+    lo, hi = 0, len(costs)
+    blob = serialize(pruned(hi))
+    if len(blob) > limit_bytes:
+        raise SystemExit(f"artifact is {len(blob)} bytes even with every +-1 weight pruned, over the cap of "
+                         f"{limit_bytes} model bytes: shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
+    best = blob
+    for _ in range(tries):
+        mid = (lo + hi) // 2
+        candidate = serialize(pruned(mid))
+        if len(candidate) <= limit_bytes:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    log(f"pruned {hi} of {len(costs)} +-1 weights to fit: {len(best)} model bytes")
+    return best
+
+# ----------------------------------------------------------------------------------------------
+# EVALUATION: every validation target scored exactly once, with as much left context as fits
+# ----------------------------------------------------------------------------------------------
+
+def sliding_windows(lo, hi, seq_len, stride):
+    """Windows (start, end, done) scoring targets lo+1..hi (target j is token j, predicted from tokens
+    < j). A window reads tokens[start:end+1] and scores targets done+1..end. The first window starting
+    at token 0 scores a whole sequence; each later one advances by `stride`."""
+    windows, done = [], lo
+    while done < hi:
+        end = min(hi, done + stride if done > 0 else seq_len)
+        start = max(0, end - seq_len)
+        windows.append((start, end, done))
+        done = end
+    return windows
+
+
+def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts):
+    """Summed loss (nats), target count and byte count over this rank's share of the windows."""
+    stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    mine = windows[len(windows) * ctx.rank // ctx.world_size: len(windows) * (ctx.rank + 1) // ctx.world_size]
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_seqs):
+            batch = mine[i:i + batch_seqs]
+            x = torch.zeros(len(batch), seq_len, dtype=torch.int64)
+            y = torch.zeros_like(x)
+            mask = torch.zeros(len(batch), seq_len, dtype=torch.bool)
+            for j, (s, e, done) in enumerate(batch):
+                # right-padding is exact for a causal model: padded positions are never scored
+                x[j, :e - s] = tokens[s:e]
+                y[j, :e - s] = tokens[s + 1:e + 1]
+                mask[j, done - s:e - s] = True
+            x, y, mask = x.to(ctx.device), y.to(ctx.device), mask.to(ctx.device)
+            with autocast(ctx.device):
+                loss = model(x, y)
+            stats[0] += loss[mask].double().sum()
+            stats[1] += mask.sum()
+            stats[2] += target_bytes(x[mask].cpu(), y[mask].cpu(), luts).sum().to(ctx.device)
+    return stats
+
+
+def reduce_stats(stats, ctx):
+    if ctx.distributed:
+        dist.all_reduce(stats)
+    return stats
+
+
+def stats_to_metrics(stats):
+    loss_sum, count, nbytes = stats.tolist()
+    return loss_sum / count, loss_sum / math.log(2) / nbytes
+
+
+def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts):
+    """(val_loss, val_bpb). stride == seq_len gives plain non-overlapping evaluation."""
+    windows = sliding_windows(0, tokens.numel() - 1, seq_len, stride)
+    stats = reduce_stats(score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts), ctx)
+    model.train()
+    return stats_to_metrics(stats)
+
+
+def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
+    """Score-first test-time training. The validation tokens are cut into chunks; each chunk is scored
+    (no grad) with the weights adapted on earlier chunks only, then trained on for TTT_EPOCHS; the last
+    chunk is never trained on. Returns (val_loss, val_bpb, per-chunk stats)."""
+    n, L = tokens.numel() - 1, hp.train_seq_len
+    bounds = list(range(0, n, hp.ttt_chunk_tokens)) + [n]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    total, per_chunk, t0 = torch.zeros(3, dtype=torch.float64, device=ctx.device), [], time.time()
+    num_chunks = len(bounds) - 1
+    for ci in range(num_chunks):
+        lo, hi = bounds[ci], bounds[ci + 1]
+        windows = sliding_windows(lo, hi, L, hp.eval_stride)
+        stats = reduce_stats(score_windows(model, tokens, windows, L, batch_seqs, ctx, luts), ctx)
+        per_chunk.append(stats.cpu())
+        total += stats
+        if ci == num_chunks - 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(num_chunks - 1, 1)))
+        chunk = tokens[lo:hi + 1]
+        nseq = max(1, (chunk.numel() - 1) // L)
+        seq_len = min(L, chunk.numel() - 1)
+        seqs = [chunk[i * seq_len:i * seq_len + seq_len + 1] for i in range(nseq)]
+        mine = seqs[ctx.rank::ctx.world_size]
+        model.train()
+        for _ in range(hp.ttt_epochs):
+            for i in range(0, max(len(mine), 1), batch_seqs):
+                batch = mine[i:i + batch_seqs]
+                if batch:
+                    xy = torch.stack(batch).to(ctx.device, torch.int64)
+                    with autocast(ctx.device):
+                        loss = model(xy[:, :-1], xy[:, 1:]).mean()
+                    loss.backward()
+                else:  # this rank has no sequence here; it still joins the gradient all-reduce
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                if ctx.distributed:
+                    for p in params:
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if ctx.is_main and (ci % max(1, num_chunks // 10) == 0):
+            el = time.time() - t0
+            log(f"ttt chunk {ci + 1}/{num_chunks} running_bpb:{stats_to_metrics(total)[1]:.4f} "
+                f"elapsed:{el:.0f}s eta:{el / (ci + 1) * (num_chunks - ci - 1):.0f}s")
+    model.eval()
+    loss, bpb = stats_to_metrics(total)
+    return loss, bpb, per_chunk
+
+# ----------------------------------------------------------------------------------------------
+# MAIN
+# ----------------------------------------------------------------------------------------------
+
+class Context:
+    def __init__(self):
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device if self.device.type == "cuda" else None)
+        self.is_main = self.rank == 0
+
+
+def layer_map(model):
+    skips = model.skip_map()
+    lines = []
+    for i, m in enumerate(model.is_mamba):
+        role = "encoder" if i < model.num_encoder else "decoder"
+        skip = f" <- skip from layer {skips[i]}" if i in skips else ""
+        mlp = "+mlp" if model.blocks[i].mlp is not None else ""
+        lines.append(f"  layer {i:2d} {role}: {'mamba2' if m else 'attention'}{mlp}{skip}")
+    return "\n".join(lines)
+
+
+def describe(hp, model, log):
+    log("config " + json.dumps(hp.resolved, sort_keys=True))
+    log("layer map:\n" + layer_map(model))
+    report = parameter_report(model)
+    log("params " + " ".join(f"{k}:{v:,}" for k, v in report.items()))
+    int6 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int6")
+    int8 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int8")
+    flt = report["total"] - int6 - int8
+    log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> at most {int(int6 * 0.75 + int8 + 4 * flt):,} "
+        f"bytes before LZMA (cap {int(hp.target_mb * 1e6):,} incl. code)")
+    return report
+
+
+def make_smoke_corpus(root, seed=0):
+    """A synthetic language with known structure: words from syllables, sentences from a sparse
+    first-order Markov chain over words. A model that learns the transitions beats the unigram rate."""
+    import sentencepiece as spm
+    rng = random.Random(seed)
+    syll = ["ka", "to", "ri", "ne", "su", "mo", "la", "pi", "de", "fu", "go", "ya", "zo", "chi", "wa", "be"]
+    words = sorted({"".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(400)})
+    succ = {w: rng.sample(words, 4) for w in words}
+
+    def doc():
+        out, w = [], rng.choice(words)
+        for _ in range(rng.randint(40, 120)):
+            out.append(w)
+            w = rng.choice(succ[w]) if rng.random() < 0.9 else rng.choice(words)
+        return " ".join(out).capitalize() + "."
+    root.mkdir(parents=True, exist_ok=True)
+    train_docs, val_docs = [doc() for _ in range(3000)], [doc() for _ in range(150)]
+    (root / "spm_train.txt").write_text("\n".join(train_docs[:1500]))
+    spm.SentencePieceTrainer.train(input=str(root / "spm_train.txt"), model_prefix=str(root / "smoke"),
+                                   vocab_size=SMOKE_DEFAULTS["VOCAB_SIZE"], model_type="bpe", byte_fallback=True,
+                                   pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2, num_threads=2)
+    sp = spm.SentencePieceProcessor(model_file=str(root / "smoke.model"))
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = np.concatenate([np.array([sp.bos_id()] + sp.encode(d), dtype=np.uint16) for d in docs])
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(ids))
+        with open(root / f"fineweb_{split}_000000.bin", "wb") as f:
+            f.write(header.tobytes() + ids.astype("<u2").tobytes())
+    return str(root), str(root / "smoke.model")
+
+
+def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
+    """Bits per byte of a unigram model fit on train (add-one), on the validation targets."""
+    counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1
+    logp = torch.log2(counts / counts.sum())
+    tgt, prev = val_tokens[1:].long(), val_tokens[:-1].long()
+    return float(-logp[tgt].sum() / target_bytes(prev, tgt, luts).sum())
+
+
+def main():
+    t_start = time.time()
+    try:
+        hp = Hyperparameters()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if hp.dry_run:
+        with torch.device("meta"):
+            model = HybridGPT(hp)
+        describe(hp, model, print)
+        return
+    ctx = Context()
+    try:
+        hp.resolve_world(ctx.world_size)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    code_bytes = len(Path(__file__).read_bytes())
+    os.makedirs("logs", exist_ok=True)
+    logfile = f"logs/{hp.run_id}.txt"
+
+    def log(msg):
+        if ctx.is_main:
+            print(msg, flush=True)
+            with open(logfile, "a") as f:
+                f.write(msg + "\n")
+
+    if hp.smoke:
+        smoke_dir = Path(tempfile.mkdtemp(prefix="smoke_"))
+        if ctx.is_main:
+            make_smoke_corpus(smoke_dir)
+        if ctx.distributed:
+            dist.broadcast_object_list(obj := [str(smoke_dir)])
+            smoke_dir = Path(obj[0])
+        hp.data_path, hp.tokenizer_path = str(smoke_dir), str(smoke_dir / "smoke.model")
+        hp.resolved.update(DATA_PATH=hp.data_path, TOKENIZER_PATH=hp.tokenizer_path)
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    import sentencepiece as spm
+    if not Path(hp.tokenizer_path).is_file():
+        raise SystemExit(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; download it: {DOWNLOAD_HINT}")
+    sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+    if sp.vocab_size() != hp.vocab_size:
+        raise SystemExit(f"VOCAB_SIZE={hp.vocab_size} but the tokenizer {hp.tokenizer_path} has {sp.vocab_size()} pieces")
+    luts = build_byte_luts(sp, hp.vocab_size)
+    train_files = shard_files(hp.data_path, "train")
+    val_tokens = load_validation_tokens(hp.data_path, hp.train_seq_len)
+    if int(val_tokens.max()) >= hp.vocab_size:
+        raise SystemExit(f"validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
+    log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
+        f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} code_bytes:{code_bytes}")
+
+    base_model = HybridGPT(hp).to(ctx.device)
+    report = describe(hp, base_model, log)
+    model = base_model
+    if hp.compile and ctx.device.type == "cuda":
+        model = torch.compile(base_model, dynamic=False)
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    opts = build_optimizers(base_model, hp)
+    loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
+    batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * hp.train_seq_len))
+
+    if hp.warmup_steps:  # prime compile and kernels, then restore the initial state
+        init_model = copy.deepcopy(base_model.state_dict())
+        init_opts = [copy.deepcopy(o.state_dict()) for o in opts]
+        for s in range(hp.warmup_steps):
+            train_step(model, opts, loader, hp, ctx, s, 0.0, 0.0)
+        base_model.load_state_dict(init_model)
+        for o, st in zip(opts, init_opts):
+            o.load_state_dict(st)
+        loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
+        log(f"warmup: {hp.warmup_steps} steps done in {time.time() - t_start:.0f}s since start, state restored")
+
+    ema = EMA(base_model, hp.ema_decay) if hp.ema_decay > 0 else None
+    cap = hp.max_wallclock_seconds
+    train_budget = max(cap - hp.gptq_reserve_seconds, 0.0) if cap > 0 else 0.0
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t_train, paused, step, last_finite, loss = time.time(), 0.0, 0, None, float("nan")
+    tokens_per_step = hp.train_batch_tokens
+    while step < hp.iterations:
+        elapsed = time.time() - t_train - paused
+        if train_budget and elapsed >= train_budget:
+            break
+        loss = train_step(model, opts, loader, hp, ctx, step, elapsed, train_budget)
+        check_finite(loss, step, last_finite)
+        last_finite = (step, loss)
+        if ema is not None:
+            ema.update(base_model)
+        step += 1
+        elapsed = time.time() - t_train - paused
+        if step % hp.train_log_every == 0 or step == 1:
+            step_ms = 1000 * elapsed / step
+            left_steps = hp.iterations - step
+            eta = min(left_steps * step_ms / 1000, train_budget - elapsed) if train_budget else left_steps * step_ms / 1000
+            log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} step_ms:{step_ms:.1f} "
+                f"tok/s:{tokens_per_step * step / elapsed:,.0f} train_time:{elapsed:.0f}s eta:{max(eta, 0):.0f}s")
+        if hp.val_loss_every and step % hp.val_loss_every == 0:
+            t_val = time.time()
+            vl, vb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
+            log(f"step:{step}/{hp.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f}")
+            paused += time.time() - t_val  # validation is not training time
+    train_loop_s = time.time() - t_train - paused
+    step_ms = 1000 * train_loop_s / max(step, 1)
+    log(f"training stopped at step {step} after {train_loop_s:.1f}s ({step_ms:.1f} ms/step)")
+
+    # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
+    if ema is not None:
+        ema.copy_to(base_model)
+    t_pre = time.time()
+    prequant_loss, prequant_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
+    paused += time.time() - t_pre
+    log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f}")
+    t_q = time.time()
+    names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
+    hessians = {}
+    if hp.gptq_calib_tokens >= hp.train_seq_len:
+        ncal = hp.gptq_calib_tokens // hp.train_seq_len
+        cal = [loader.next_batch(hp.train_seq_len * min(batch_seqs, ncal - i), hp.train_seq_len)
+               for i in range(0, ncal, batch_seqs)]
+        hessians = collect_hessians(base_model, cal, ctx, names)
+    deadline = t_train + paused + cap if cap > 0 else None
+    quantized = quantize_model(base_model, hessians, deadline, log)
+    train_seconds = time.time() - t_train - paused
+    log(f"gptq: {len(hessians)} matrices with Hessians, {time.time() - t_q:.1f}s; train_seconds:{train_seconds:.1f}"
+        + (f" (cap {cap:.0f}s)" if cap else ""))
+
+    # artifact: compressed model + code, under the cap, written once, read back without pickle
+    t_eval = time.time()
+    limit = int(hp.target_mb * 1e6) - code_bytes
+    blob = serialize(quantized)
+    if len(blob) > limit:
+        log(f"artifact {len(blob) + code_bytes} bytes > TARGET_MB={hp.target_mb}: pruning")
+        blob = prune_to_fit(quantized, limit, log)
+    artifact_path = f"logs/{hp.run_id}.int6.xz"
+    if ctx.is_main:
+        Path(artifact_path).write_bytes(blob)
+    if ctx.distributed:
+        dist.barrier()
+    artifact_bytes = len(Path(artifact_path).read_bytes()) + code_bytes
+    log(f"artifact: {artifact_path} model_bytes:{artifact_bytes - code_bytes} code_bytes:{code_bytes} "
+        f"total:{artifact_bytes} (cap {int(hp.target_mb * 1e6)})")
+    base_model.load_state_dict(deserialize(Path(artifact_path).read_bytes()))
+    rt_loss, rt_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
+    log(f"roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f}")
+    sl_bpb = ttt_bpb = None
+    final_loss, final_bpb = rt_loss, rt_bpb
+    if hp.eval_stride:
+        t_s = time.time()
+        final_loss, sl_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.eval_stride, batch_seqs, ctx, luts)
+        final_bpb = sl_bpb
+        log(f"sliding stride:{hp.eval_stride} val_loss:{final_loss:.4f} val_bpb:{sl_bpb:.4f} ({time.time() - t_s:.1f}s)")
+    if hp.ttt_enabled:
+        t_t = time.time()
+        final_loss, ttt_bpb, _ = evaluate_ttt(base_model, val_tokens, hp, batch_seqs, ctx, luts, log)
+        final_bpb = ttt_bpb
+        log(f"ttt val_loss:{final_loss:.4f} val_bpb:{ttt_bpb:.4f} ({time.time() - t_t:.1f}s)")
+    eval_seconds = time.time() - t_eval
+    summary = dict(
+        val_bpb=final_bpb, val_loss=final_loss, val_bpb_prequant=prequant_bpb, val_bpb_roundtrip=rt_bpb,
+        val_bpb_sliding=sl_bpb, val_bpb_ttt=ttt_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
+        model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
+        train_seconds=round(train_seconds, 2), step_ms=round(step_ms, 2),
+        train_tokens_per_s=round(tokens_per_step * step / max(train_loop_s, 1e-9)),
+        eval_seconds=round(eval_seconds, 2),
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if ctx.device.type == "cuda" else None,
+        world_size=ctx.world_size, config=hp.resolved)
+    if hp.smoke:
+        summary["unigram_bpb"] = unigram_bpb(torch.cat([load_data_shard(f) for f in train_files]), val_tokens, hp.vocab_size, luts)
+        log(f"smoke: val_bpb {final_bpb:.4f} vs unigram baseline {summary['unigram_bpb']:.4f}")
+    log("final_summary " + json.dumps(summary))
+    if ctx.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
