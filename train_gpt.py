@@ -9,7 +9,7 @@ GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
 """
 from __future__ import annotations
 
-import copy, glob, json, lzma, math, os, random, sys, tempfile, time, uuid
+import contextlib, copy, glob, json, lzma, math, os, random, sys, tempfile, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ class ConfigError(ValueError):
     pass
 
 
-DOWNLOAD_HINT = "python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80"
+DOWNLOAD_HINT = ("MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py "
+                 "--variant sp8192 --train-shards 128")
 DEFAULT_MAMBA_LAYERS = "0,1,2,3,4,6,7,8,9"   # attention at 5 (bottleneck) and 10 (last); see README
 # SMOKE swaps in these defaults (a user's env still wins) so the whole pipeline runs in minutes on a CPU.
 SMOKE_DEFAULTS = dict(
@@ -36,7 +37,7 @@ SMOKE_DEFAULTS = dict(
     BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096, GRAD_ACCUM_STEPS=1,
     ITERATIONS=300, WARMDOWN_ITERS=100, WARMUP_STEPS=0, LR_WARMUP_STEPS=10, VAL_BATCH_SIZE=16384,
     VAL_LOSS_EVERY=100, TRAIN_LOG_EVERY=50, MAX_WALLCLOCK_SECONDS=90, MATRIX_LR=0.02, MAMBA_MATRIX_LR=0.02,
-    SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.99, GPTQ_CALIB_TOKENS=16384, GPTQ_RESERVE_SECONDS=5,
+    SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.9, GPTQ_CALIB_TOKENS=16384, GPTQ_RESERVE_SECONDS=5,
     EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
 
 
@@ -479,7 +480,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        nn.init.zeros_(self.embed.weight)
+        nn.init.normal_(self.embed.weight, std=0.02)  # proj starts at zero; a zero table too would never train
         self.proj = CastedLinear(dim, model_dim, zero_init=True)
 
     def forward(self, ids):
@@ -665,7 +666,7 @@ def train_step(model, opts, loader, hp, ctx, step, elapsed_s, train_budget_s):
     for micro in range(hp.grad_accum_steps):
         x, y = loader.next_batch(local_tokens, hp.train_seq_len)
         sync = micro == hp.grad_accum_steps - 1
-        with (model.no_sync() if ctx.distributed and not sync else _nullcontext()), autocast(ctx.device):
+        with (model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()), autocast(ctx.device):
             loss = model(x, y).mean()
         (loss / hp.grad_accum_steps).backward()
         total += loss.detach() / hp.grad_accum_steps
@@ -686,19 +687,58 @@ def train_step(model, opts, loader, hp, ctx, step, elapsed_s, train_budget_s):
     return total.item()
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def check_finite(loss, step, last_finite):
     if not math.isfinite(loss):
         last = "none yet" if last_finite is None else f"{last_finite[1]:.4f} at step {last_finite[0]}"
         raise NonFiniteLoss(f"non-finite train loss {loss} at step {step}; last finite loss: {last}. "
                             "Lower the learning rates or raise GRAD_CLIP_NORM's strength.")
+
+class TrainClock:
+    """Training wall clock that can be paused (validation and the pre-quantization eval do not count)."""
+
+    def __init__(self):
+        self.start, self.excluded = time.time(), 0.0
+
+    def elapsed(self):
+        return time.time() - self.start - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.excluded += time.time() - t
+
+
+def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, validate=None):
+    """Steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less the GPTQ reserve).
+    Returns (steps taken, EMA or None). A non-finite loss raises NonFiniteLoss at once."""
+    ema = EMA(base_model, hp.ema_decay) if hp.ema_decay > 0 else None
+    cap = hp.max_wallclock_seconds
+    budget = max(cap - hp.gptq_reserve_seconds, 0.0) if cap > 0 else 0.0
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    step, last_finite = 0, None
+    while step < hp.iterations and not (budget and clock.elapsed() >= budget):
+        loss = train_step(model, opts, loader, hp, ctx, step, clock.elapsed(), budget)
+        check_finite(loss, step, last_finite)
+        last_finite = (step, loss)
+        if ema is not None:
+            ema.update(base_model)
+        step += 1
+        if step % hp.train_log_every == 0 or step == 1:
+            elapsed = clock.elapsed()
+            step_s = elapsed / step
+            eta = (hp.iterations - step) * step_s
+            if budget:
+                eta = min(eta, budget - elapsed)
+            log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} step_ms:{1000 * step_s:.1f} "
+                f"tok/s:{hp.train_batch_tokens / step_s:,.0f} train_time:{elapsed:.0f}s eta:{max(eta, 0):.0f}s")
+        if validate is not None and hp.val_loss_every and step % hp.val_loss_every == 0:
+            validate(step)
+    return step, ema
 
 # ----------------------------------------------------------------------------------------------
 # QUANTIZATION AND EXPORT: int6 GPTQ for large matrices, int8 embeddings, float for the small and
@@ -1127,6 +1167,8 @@ def main():
             smoke_dir = Path(obj[0])
         hp.data_path, hp.tokenizer_path = str(smoke_dir), str(smoke_dir / "smoke.model")
         hp.resolved.update(DATA_PATH=hp.data_path, TOKENIZER_PATH=hp.tokenizer_path)
+    if hp.smoke and ctx.device.type == "cpu":
+        torch.set_num_threads(1)  # a tiny model: more threads only contend on a small shared machine
     random.seed(hp.seed)
     np.random.seed(hp.seed)
     torch.manual_seed(hp.seed)
@@ -1166,46 +1208,24 @@ def main():
         loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
         log(f"warmup: {hp.warmup_steps} steps done in {time.time() - t_start:.0f}s since start, state restored")
 
-    ema = EMA(base_model, hp.ema_decay) if hp.ema_decay > 0 else None
     cap = hp.max_wallclock_seconds
-    train_budget = max(cap - hp.gptq_reserve_seconds, 0.0) if cap > 0 else 0.0
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t_train, paused, step, last_finite, loss = time.time(), 0.0, 0, None, float("nan")
-    tokens_per_step = hp.train_batch_tokens
-    while step < hp.iterations:
-        elapsed = time.time() - t_train - paused
-        if train_budget and elapsed >= train_budget:
-            break
-        loss = train_step(model, opts, loader, hp, ctx, step, elapsed, train_budget)
-        check_finite(loss, step, last_finite)
-        last_finite = (step, loss)
-        if ema is not None:
-            ema.update(base_model)
-        step += 1
-        elapsed = time.time() - t_train - paused
-        if step % hp.train_log_every == 0 or step == 1:
-            step_ms = 1000 * elapsed / step
-            left_steps = hp.iterations - step
-            eta = min(left_steps * step_ms / 1000, train_budget - elapsed) if train_budget else left_steps * step_ms / 1000
-            log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} step_ms:{step_ms:.1f} "
-                f"tok/s:{tokens_per_step * step / elapsed:,.0f} train_time:{elapsed:.0f}s eta:{max(eta, 0):.0f}s")
-        if hp.val_loss_every and step % hp.val_loss_every == 0:
-            t_val = time.time()
+    clock = TrainClock()
+
+    def validate(step):
+        with clock.paused():  # validation is not training time
             vl, vb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
-            log(f"step:{step}/{hp.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f}")
-            paused += time.time() - t_val  # validation is not training time
-    train_loop_s = time.time() - t_train - paused
+        log(f"step:{step}/{hp.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f}")
+
+    step, ema = train_loop(model, base_model, opts, loader, hp, ctx, clock, log, validate)
+    train_loop_s = clock.elapsed()
     step_ms = 1000 * train_loop_s / max(step, 1)
     log(f"training stopped at step {step} after {train_loop_s:.1f}s ({step_ms:.1f} ms/step)")
 
     # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
     if ema is not None:
         ema.copy_to(base_model)
-    t_pre = time.time()
-    prequant_loss, prequant_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
-    paused += time.time() - t_pre
+    with clock.paused():
+        prequant_loss, prequant_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f}")
     t_q = time.time()
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
@@ -1215,9 +1235,9 @@ def main():
         cal = [loader.next_batch(hp.train_seq_len * min(batch_seqs, ncal - i), hp.train_seq_len)
                for i in range(0, ncal, batch_seqs)]
         hessians = collect_hessians(base_model, cal, ctx, names)
-    deadline = t_train + paused + cap if cap > 0 else None
+    deadline = time.time() + cap - clock.elapsed() if cap > 0 else None
     quantized = quantize_model(base_model, hessians, deadline, log)
-    train_seconds = time.time() - t_train - paused
+    train_seconds = clock.elapsed()
     log(f"gptq: {len(hessians)} matrices with Hessians, {time.time() - t_q:.1f}s; train_seconds:{train_seconds:.1f}"
         + (f" (cap {cap:.0f}s)" if cap else ""))
 
@@ -1257,7 +1277,7 @@ def main():
         val_bpb_sliding=sl_bpb, val_bpb_ttt=ttt_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
         model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
         train_seconds=round(train_seconds, 2), step_ms=round(step_ms, 2),
-        train_tokens_per_s=round(tokens_per_step * step / max(train_loop_s, 1e-9)),
+        train_tokens_per_s=round(hp.train_batch_tokens * step / max(train_loop_s, 1e-9)),
         eval_seconds=round(eval_seconds, 2),
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if ctx.device.type == "cuda" else None,
         world_size=ctx.world_size, config=hp.resolved)

@@ -1,0 +1,100 @@
+"""HYPERPARAMETERS: every knob read once, validated, logged; DRY_RUN needs no data."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_ENV = dict(MAMBA_LAYERS="0,1,2,3,4,5,6,7,8,9,10,11,15,16,17", NUM_LAYERS="18", MAMBA_D_STATE="32",
+                MAMBA_D_CONV="4", MAMBA_EXPAND="1.5", MAMBA_MATRIX_LR="0.015", BIGRAM_VOCAB_SIZE="2048",
+                BIGRAM_DIM="128", WARMDOWN_ITERS="3500", TARGET_MB="15.9", SEED="42")
+
+
+def run_script(env, timeout=120):
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    full.update(env)
+    return subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_seed_command_accepted_by_dry_run(tmp_path):
+    r = run_script(dict(SEED_ENV, DRY_RUN="1", DATA_PATH=str(tmp_path / "none")))
+    assert r.returncode == 0, r.stderr
+    assert "layer 12 decoder: attention" in r.stdout and "layer 11 decoder: mamba2" in r.stdout and "layer  8 encoder: mamba2" in r.stdout
+    assert "layer 17 decoder: mamba2 <- skip from layer 0" in r.stdout
+    assert '"MAMBA_EXPAND": 1.5' in r.stdout and '"TARGET_MB": 15.9' in r.stdout
+    params = dict(kv.split(":") for kv in r.stdout.split("params ")[1].split("\n")[0].split())
+    assert int(params["total"].replace(",", "")) == sum(int(v.replace(",", "")) for k, v in params.items() if k != "total")
+
+
+def test_default_dry_run_prints_layer_map_and_counts():
+    r = run_script(dict(DRY_RUN="1"))
+    assert r.returncode == 0, r.stderr
+    hp = tg.Hyperparameters({})
+    with __import__("torch").device("meta"):
+        model = tg.HybridGPT(hp)
+    assert f"total:{sum(p.numel() for p in model.parameters()):,}" in r.stdout
+    assert r.stdout.count("attention") >= 2 and "mamba2" in r.stdout
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"NUM_LAYERS": "abc"}, "NUM_LAYERS='abc': expected an integer in [1, 128]"),
+    ({"NUM_LAYERS": "0"}, "NUM_LAYERS=0: expected an integer in [1, 128]"),
+    ({"TARGET_MB": "16.5"}, "TARGET_MB=16.5: expected a number in [0.1, 16.0]"),
+    ({"TTT_ENABLED": "2"}, "TTT_ENABLED=2: expected 0 or 1"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR=nan"),
+    ({"MAMBA_LAYERS": "0,1,x"}, "MAMBA_LAYERS='0,1,x'"),
+    ({"MAMBA_LAYERS": "0,11"}, "MAMBA_LAYERS has [11]"),
+    ({"NUM_HEADS": "6"}, "MODEL_DIM=512 must split into NUM_HEADS=6"),
+    ({"NUM_KV_HEADS": "3"}, "NUM_HEADS=8 must be a multiple of NUM_KV_HEADS=3"),
+    ({"MAMBA_HEADDIM": "96"}, "must be a multiple of MAMBA_HEADDIM=96"),
+    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be at most TRAIN_SEQ_LEN=2048"),
+    ({"EVAL_STRIDE": "0"}, "TTT_ENABLED=1 scores through sliding windows"),
+])
+def test_bad_values_rejected_naming_the_variable(env, needle):
+    with pytest.raises(tg.ConfigError) as e:
+        tg.Hyperparameters(env)
+    assert needle in str(e.value)
+
+
+def test_bad_value_stops_the_script_before_work():
+    r = run_script(dict(MODEL_DIM="-3"))
+    assert r.returncode == 2
+    assert "MODEL_DIM=-3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_all_errors_reported_together():
+    with pytest.raises(tg.ConfigError) as e:
+        tg.Hyperparameters({"SEED": "-1", "ITERATIONS": "x"})
+    assert "SEED=-1" in str(e.value) and "ITERATIONS='x'" in str(e.value)
+
+
+def test_mamba_layers_unset_empty_and_explicit():
+    assert tg.Hyperparameters({}).mamba_layers == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert tg.Hyperparameters({"MAMBA_LAYERS": ""}).mamba_layers == []
+    assert tg.Hyperparameters({"MAMBA_LAYERS": "3, 1,1"}).mamba_layers == [1, 3]
+
+
+def test_every_knob_is_logged_and_smoke_defaults_yield_to_user():
+    hp = tg.Hyperparameters({"SMOKE": "1", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1"})
+    assert hp.model_dim == 32 and hp.resolved["MODEL_DIM"] == 32
+    assert hp.num_layers == tg.SMOKE_DEFAULTS["NUM_LAYERS"]
+    # every attribute that comes from a knob appears in the logged config
+    knob_attrs = {k for k in vars(hp) if not k.startswith("_") and k != "resolved"}
+    assert len(hp.resolved) == len(knob_attrs)
+
+
+def test_grad_accum_default_and_batch_geometry():
+    hp = tg.Hyperparameters({})
+    hp.resolve_world(8)
+    assert hp.grad_accum_steps == 1
+    hp = tg.Hyperparameters({})
+    hp.resolve_world(2)
+    assert hp.grad_accum_steps == 4
+    hp = tg.Hyperparameters({"TRAIN_BATCH_TOKENS": "1000"})
+    with pytest.raises(tg.ConfigError, match="TRAIN_BATCH_TOKENS=1000 must be a multiple"):
+        hp.resolve_world(1)

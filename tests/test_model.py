@@ -1,0 +1,152 @@
+"""MODEL: the SSD scan against a plain recurrence, the causal conv, causality, gradients."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from util import make_hp
+
+
+def ssd_sequential(x, dt, A, B, C, state=None):
+    """The Mamba-2 recurrence one step at a time, for reference."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Bh, Ch = B.repeat_interleave(H // G, dim=2), C.repeat_interleave(H // G, dim=2)
+    state = torch.zeros(b, H, P, N, dtype=x.dtype) if state is None else state.clone()
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + dt[:, t, :, None, None] * x[:, t, :, :, None] * Bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    return torch.stack(ys, dim=1), state
+
+
+def random_ssd_inputs(b, L, H, P, G, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, H, P, generator=g, dtype=dtype)
+    dt = F.softplus(torch.randn(b, L, H, generator=g, dtype=dtype) - 1)
+    A = -torch.rand(H, generator=g, dtype=dtype) * 4 - 0.1
+    B = torch.randn(b, L, G, N, generator=g, dtype=dtype)
+    C = torch.randn(b, L, G, N, generator=g, dtype=dtype)
+    return x, dt, A, B, C
+
+
+@pytest.mark.parametrize("L, chunk, G", [(1, 4, 1), (37, 8, 1), (64, 16, 2), (100, 32, 4), (50, 64, 1), (33, 1, 2)])
+def test_ssd_matches_sequential_float64(L, chunk, G):
+    x, dt, A, B, C = random_ssd_inputs(2, L, 4, 3, G, 5, torch.float64, seed=L)
+    init = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    y_ref, s_ref = ssd_sequential(x, dt, A, B, C, init)
+    y, s = tg.ssd_scan(x, dt, A, B, C, chunk, initial_state=init, return_final_state=True)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_ssd_float32_and_chunk_independence():
+    x, dt, A, B, C = random_ssd_inputs(1, 70, 2, 4, 1, 8, torch.float64, seed=3)
+    y_ref, _ = ssd_sequential(x, dt, A, B, C)
+    for chunk in (8, 16, 128):
+        y = tg.ssd_scan(*(t.float() for t in (x, dt, A, B, C)), chunk)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ssd_gradients_match_sequential():
+    inputs = [t.requires_grad_() for t in random_ssd_inputs(1, 20, 2, 3, 1, 4, torch.float64, seed=5)]
+    tg.ssd_scan(*inputs, 8).square().sum().backward()
+    fast = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    ssd_sequential(*inputs)[0].square().sum().backward()
+    for a, b in zip(fast, inputs):
+        torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_causal_conv_matches_conv1d():
+    x, w, bias = torch.randn(2, 19, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    ref = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w[:, None, :], bias, groups=6)).transpose(1, 2)
+    torch.testing.assert_close(tg.causal_conv1d(x, w, bias), ref)
+
+
+def test_attention_op_matches_naive_gqa():
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+    scores = torch.einsum("blhd,bshd->bhls", q, kk) / 8 ** 0.5
+    scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.einsum("bhls,bshd->blhd", scores.softmax(-1), vv)
+    torch.testing.assert_close(tg.attention_op(q, k, v), ref, rtol=1e-5, atol=1e-5)
+
+
+def perturbed_model(hp, seed=0):
+    """A model whose zero-initialised output projections are made random, so every path carries signal."""
+    torch.manual_seed(seed)
+    model = tg.HybridGPT(hp)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and not p.any():
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("layers", ["0,2,3", "", "0,1,2,3"])
+def test_whole_model_is_causal(layers):
+    hp = make_hp(MAMBA_LAYERS=layers, MAMBA_CHUNK_SIZE=8)
+    model = perturbed_model(hp).double()
+    ids = torch.randint(0, hp.vocab_size, (2, 40))
+    base = model.logits(ids)
+    for t in (0, 7, 8, 23, 39):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 1) % hp.vocab_size
+        out = model.logits(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-12)
+        assert (out[:, t:] - base[:, t:]).abs().amax() > 1e-6
+
+
+def test_layer_map_and_skips():
+    hp = make_hp(NUM_LAYERS=5, MAMBA_LAYERS="0,1,3")
+    model = tg.HybridGPT(hp)
+    assert model.is_mamba == [True, True, False, True, False]
+    assert model.skip_map() == {2: 1, 3: 0}
+    assert isinstance(model.blocks[2].mixer, tg.Attention) and isinstance(model.blocks[0].mixer, tg.Mamba2)
+    assert model.blocks[0].mlp is None and model.blocks[2].mlp is not None
+    assert make_hp(MAMBA_MLP=1).mamba_mlp and tg.HybridGPT(make_hp(MAMBA_MLP=1)).blocks[0].mlp is not None
+
+
+def test_mamba2_block_shapes_and_parameters():
+    hp = make_hp(MODEL_DIM=32, MAMBA_EXPAND=1.5, MAMBA_HEADDIM=8, MAMBA_D_STATE=4, MAMBA_NGROUPS=2, NUM_HEADS=2, NUM_KV_HEADS=1)
+    m = tg.Mamba2(hp)
+    assert m.nheads == 6 and m.d_inner == 48
+    assert m.in_proj.weight.shape == (2 * 48 + 2 * 2 * 4 + 6, 32)
+    assert m.A_log.shape == m.dt_bias.shape == m.D.shape == (6,)
+    assert m.conv_weight.shape == (48 + 16, hp.mamba_d_conv) and m.norm_weight.shape == (48,)
+    assert (-torch.exp(m.A_log) < 0).all()
+    assert m(torch.randn(2, 13, 32)).shape == (2, 13, 32)
+
+
+def test_every_parameter_receives_a_gradient():
+    hp = make_hp(MAMBA_MLP=1, TIE_EMBEDDINGS=0)
+    torch.manual_seed(0)
+    model = tg.HybridGPT(hp)
+    opts = tg.build_optimizers(model, hp)
+    ids = torch.randint(0, hp.vocab_size, (2, 64))
+    for step in range(3):  # zero-initialised head, then output projections, get signal after updates
+        model(ids[:, :-1], ids[:, 1:]).mean().backward()
+        if step < 2:
+            for o in opts:
+                o.step()
+            model.zero_grad()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_forward_loss_is_per_token_cross_entropy():
+    hp = make_hp()
+    model = perturbed_model(hp)
+    ids = torch.randint(0, hp.vocab_size, (2, 17))
+    loss = model(ids[:, :-1], ids[:, 1:])
+    ref = F.cross_entropy(model.logits(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    torch.testing.assert_close(loss, ref.view(2, 16))
+    logits = model.logits(ids)
+    assert logits.abs().max() <= hp.logit_softcap

@@ -1,0 +1,110 @@
+"""OPTIMIZERS and the training step: groups, exactly-once updates, DDP equals one process."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+from util import CPUContext, make_hp, write_shard
+
+
+def test_every_parameter_in_exactly_one_group():
+    for env in ({}, {"TIE_EMBEDDINGS": "0", "MAMBA_MLP": "1"}, {"MAMBA_LAYERS": ""}, {"BIGRAM_VOCAB_SIZE": "0"}):
+        hp = make_hp(**env)
+        model = tg.HybridGPT(hp)
+        opts = tg.build_optimizers(model, hp)
+        seen = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+        assert len(seen) == len(set(seen))
+        assert set(seen) == {id(p) for p in model.parameters()}
+
+
+def test_muon_takes_matrices_with_their_learning_rates():
+    hp = make_hp(MATRIX_LR=0.01, MAMBA_MATRIX_LR=0.003)
+    model = tg.HybridGPT(hp)
+    muon = [o for o in tg.build_optimizers(model, hp) if isinstance(o, tg.Muon)][0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in muon.param_groups}
+    assert "blocks.0.mixer.in_proj.weight" in by_lr[0.003] and "blocks.0.mixer.out_proj.weight" in by_lr[0.003]
+    assert "blocks.1.mixer.q.weight" in by_lr[0.01] and "blocks.1.mlp.fc.weight" in by_lr[0.01]
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+
+
+def test_each_parameter_updated_exactly_once_per_step():
+    hp = make_hp(GRAD_CLIP_NORM=0)
+    torch.manual_seed(0)
+    model = tg.HybridGPT(hp)
+    opts = tg.build_optimizers(model, hp)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}
+    for n, p in model.named_parameters():
+        p.grad = torch.randn_like(p)
+        grads[n] = p.grad.clone()
+    for o in opts:
+        o.step()
+    lrs = {id(p): (g["lr"], isinstance(o, tg.Muon), g.get("momentum")) for o in opts for g in o.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        lr, is_muon, momentum = lrs[id(p)]
+        if is_muon:  # nesterov momentum on a fresh buffer: orthogonalize (1 + momentum) * g
+            u = tg.newton_schulz_orthogonalize(grads[n] * (1 + momentum), hp.muon_backend_steps)
+            expected = before[n] - lr * u * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        else:  # Adam's first step moves by lr * g / (|g| + eps)
+            expected = before[n] - lr * grads[n] / (grads[n].abs() + hp.adam_eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_lr_schedule_warmup_and_warmdown():
+    hp = make_hp(LR_WARMUP_STEPS=10, WARMDOWN_ITERS=100, ITERATIONS=300)
+    assert tg.lr_scale(0, 0, hp, 0) == pytest.approx(0.1)
+    assert tg.lr_scale(50, 0, hp, 0) == 1.0
+    assert tg.lr_scale(250, 0, hp, 0) == pytest.approx(0.5)
+    assert tg.lr_scale(300, 0, hp, 0) == 0.0
+    # by wall clock: 1 s/step so far, 100 warmdown steps = the last 100 s of a 400 s budget
+    assert tg.lr_scale(100, 100.0, hp, 400.0) == 1.0
+    assert tg.lr_scale(350, 350.0, hp, 400.0) == pytest.approx(0.5)
+    assert tg.lr_scale(410, 410.0, hp, 400.0) == 0.0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(rank, world_size, data_dir, env, steps, out_dir, port):
+    if world_size > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = tg.Context()
+    hp = tg.Hyperparameters(env)
+    hp.resolve_world(world_size)
+    torch.manual_seed(0)
+    model = tg.HybridGPT(hp)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
+    opts = tg.build_optimizers(model, hp)
+    loader = tg.DistributedTokenLoader(tg.shard_files(data_dir, "train"), ctx.rank, world_size, ctx.device)
+    losses = [tg.train_step(ddp, opts, loader, hp, ctx, s, 0.0, 0.0) for s in range(steps)]
+    torch.save({"state": model.state_dict(), "losses": losses}, os.path.join(out_dir, f"w{world_size}_r{rank}.pt"))
+    if ctx.distributed:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 320, 40000))
+    env = {"SMOKE": "1", "TRAIN_BATCH_TOKENS": "1024", "TRAIN_SEQ_LEN": "64", "MODEL_DIM": "32", "NUM_HEADS": "2",
+           "NUM_KV_HEADS": "1", "MAMBA_HEADDIM": "16", "MAMBA_CHUNK_SIZE": "16", "LR_WARMUP_STEPS": "0"}
+    port = _free_port()
+    # one process, two micro-batches  vs  two processes, one micro-batch each: the same global batch
+    _train(0, 1, str(tmp_path), dict(env, GRAD_ACCUM_STEPS="2"), 3, str(tmp_path), port)
+    mp.spawn(_train, args=(2, str(tmp_path), dict(env, GRAD_ACCUM_STEPS="1"), 3, str(tmp_path), port), nprocs=2)
+    one = torch.load(tmp_path / "w1_r0.pt")
+    r0, r1 = torch.load(tmp_path / "w2_r0.pt"), torch.load(tmp_path / "w2_r1.pt")
+    for k in one["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks differ at {k}"
+        torch.testing.assert_close(r0["state"][k], one["state"][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert np.allclose(one["losses"], r0["losses"], rtol=1e-5) and r0["losses"] == r1["losses"]
+    torch.manual_seed(0)
+    init = tg.HybridGPT(tg.Hyperparameters(env)).state_dict()
+    assert all(not torch.equal(one["state"][k], init[k]) for k in one["state"] if k.endswith("in_proj.weight"))

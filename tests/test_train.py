@@ -1,0 +1,91 @@
+"""TRAINING loop and the whole pipeline: a non-finite loss stops the run; SMOKE end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from util import CPUContext, make_hp, write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PoisoningLoader:
+    """The real loader, but on its nth batch it writes a NaN into the model's embedding."""
+
+    def __init__(self, loader, model, nth):
+        self.loader, self.model, self.nth, self.calls = loader, model, nth, 0
+
+    def next_batch(self, *a):
+        self.calls += 1
+        if self.calls == self.nth:
+            with torch.no_grad():
+                self.model.tok_emb.weight[:] = float("nan")
+        return self.loader.next_batch(*a)
+
+
+def small_run(tmp_path, **env):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 320, 20000))
+    env = dict(dict(TRAIN_BATCH_TOKENS=256, TRAIN_SEQ_LEN=32, EVAL_STRIDE=16, MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=1), **env)
+    hp = make_hp(**env)
+    hp.resolve_world(1)
+    torch.manual_seed(0)
+    model = tg.HybridGPT(hp)
+    loader = tg.DistributedTokenLoader(tg.shard_files(str(tmp_path), "train"), 0, 1, torch.device("cpu"))
+    return hp, model, tg.build_optimizers(model, hp), loader
+
+
+def test_non_finite_loss_stops_at_once(tmp_path):
+    hp, model, opts, loader = small_run(tmp_path, ITERATIONS=10)
+    lines = []
+    with pytest.raises(tg.NonFiniteLoss) as e:
+        tg.train_loop(model, model, opts, PoisoningLoader(loader, model, 4), hp, CPUContext(), tg.TrainClock(), lines.append)
+    msg = str(e.value)
+    assert "at step 3" in msg and "last finite loss" in msg and "at step 2" in msg
+    assert sum(line.startswith("step:") for line in lines) == 3  # steps 1..3 logged, none after the NaN
+
+
+def test_loop_stops_at_iterations_and_logs_eta(tmp_path):
+    hp, model, opts, loader = small_run(tmp_path, ITERATIONS=4, EMA_DECAY=0.5)
+    lines = []
+    steps, ema = tg.train_loop(model, model, opts, loader, hp, CPUContext(), tg.TrainClock(), lines.append)
+    assert steps == 4 and ema is not None
+    assert lines[-1].startswith("step:4/4 train_loss:") and "eta:0s" in lines[-1] and "tok/s:" in lines[-1]
+    # the EMA moved toward the weights but is not them
+    live = [p.detach() for p in model.parameters()]
+    assert any(not torch.equal(e, p) for e, p in zip(ema.params, live))
+
+
+def test_loop_stops_at_the_wall_clock(tmp_path):
+    hp, model, opts, loader = small_run(tmp_path, ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=3, GPTQ_RESERVE_SECONDS=1)
+    clock = tg.TrainClock()
+    steps, _ = tg.train_loop(model, model, opts, loader, hp, CPUContext(), clock, lambda m: None)
+    # it stops at the first step boundary past MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS = 2 s
+    assert 0 < steps < 10**6 and 2.0 <= clock.elapsed() < 30
+
+
+def test_smoke_runs_the_whole_pipeline(tmp_path):
+    """SMOKE=1 on a CPU, no data: train, GPTQ export, roundtrip, sliding, TTT, final summary."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(SMOKE="1", RUN_ID="pytest_smoke", PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("final_summary ")
+    s = json.loads(last[len("final_summary "):])
+    for key in ("val_bpb", "val_bpb_prequant", "val_bpb_roundtrip", "val_bpb_sliding", "val_bpb_ttt", "artifact_bytes",
+                "code_bytes", "model_bytes", "params", "steps", "train_seconds", "step_ms", "train_tokens_per_s",
+                "eval_seconds", "peak_mem_gib", "config"):
+        assert key in s, key
+    assert s["val_bpb"] == s["val_bpb_ttt"] and s["val_bpb"] < 0.8 * s["unigram_bpb"], s
+    assert s["code_bytes"] == len((ROOT / "train_gpt.py").read_bytes())
+    assert s["artifact_bytes"] == s["code_bytes"] + s["model_bytes"] <= 16_000_000
+    assert (tmp_path / "logs" / "pytest_smoke.int6.xz").stat().st_size == s["model_bytes"]
+    assert s["train_seconds"] <= s["config"]["MAX_WALLCLOCK_SECONDS"] + 1.0
+    assert "gptq: " in r.stdout and " 0 matrices with Hessians" not in r.stdout

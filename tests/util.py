@@ -1,0 +1,25 @@
+"""Small shared helpers for the tests: tiny configurations, a CPU context, shard files."""
+import numpy as np
+import torch
+
+import train_gpt as tg
+
+
+def make_hp(**env):
+    """SMOKE-sized hyperparameters (CPU friendly), with string overrides as a user would set them."""
+    base = {"SMOKE": "1"}
+    base.update({k: str(v) for k, v in env.items()})
+    return tg.Hyperparameters(base)
+
+
+class CPUContext:
+    def __init__(self, rank=0, world_size=1):
+        self.device, self.rank, self.world_size = torch.device("cpu"), rank, world_size
+        self.distributed, self.is_main, self.local_rank = world_size > 1, rank == 0, 0
+
+
+def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (magic, version, len(tokens) if count is None else count)
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
