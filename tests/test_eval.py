@@ -137,12 +137,12 @@ def test_sliding_windows_rejects_zero_stride():
     def alarm(*a):
         raise TimeoutError("sliding_windows(0, 100, 32, 0) did not return")
     old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(1)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)  # short: the runaway loop grows a list
     try:
         with pytest.raises(ValueError):
             tg.sliding_windows(0, 100, 32, 0)
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
 
@@ -341,6 +341,31 @@ def test_ttt_never_trains_on_the_last_chunk(model, hp, luts, ttt_base):
     # whereas an earlier chunk's tokens do reach the weights (so the check above can fail)
     m_mid, _, _, _ = run_ttt(model, changed_after(tokens, CHUNK + 1, seed=21), hp, luts)
     assert any(not torch.equal(a, b) for a, b in zip(m_base.state_dict().values(), m_mid.state_dict().values()))
+
+
+def test_ttt_trains_only_on_already_scored_tokens(model, hp, luts):
+    """Watch every forward pass of a TTT run (a hook only records, it changes nothing). With all
+    validation tokens distinct, a token's value tells its position: a training pass (grad on) may
+    only see targets that some earlier scoring pass (grad off) already scored."""
+    tokens = (torch.randperm(VOCAB - 4, generator=torch.Generator().manual_seed(7))[:NTTT] + 4).to(torch.int32)
+    position = {int(v): i for i, v in enumerate(tokens.tolist())}  # ids 0..3 never occur: padding is 0
+    m = copy.deepcopy(model)
+    events = []
+
+    def watch(module, args):
+        seen = [position[v] for v in args[1].reshape(-1).tolist() if v in position]
+        events.append((torch.is_grad_enabled(), max(seen)))
+    m.register_forward_pre_hook(watch)
+    tg.evaluate_ttt(m, tokens, hp, 2, CTX, luts, log=lambda msg: None)
+    scored = 0
+    for training, last_target in events:
+        if training:
+            assert last_target <= scored, f"trained on target {last_target} before it was scored ({scored})"
+        else:
+            scored = max(scored, last_target)
+    assert scored == NTTT - 1
+    trained = sorted({t for training, t in events if training})
+    assert trained == [CHUNK, 2 * CHUNK, 3 * CHUNK], "chunks 0..2 trained on in full, the last chunk never"
 
 
 def test_ttt_with_zero_lr_is_the_sliding_eval(model, luts):

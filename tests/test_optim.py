@@ -108,3 +108,23 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     torch.manual_seed(0)
     init = tg.HybridGPT(tg.Hyperparameters(env)).state_dict()
     assert all(not torch.equal(one["state"][k], init[k]) for k in one["state"] if k.endswith("in_proj.weight"))
+
+
+def test_ema_ramps_its_decay_then_holds_it():
+    model = torch.nn.Linear(3, 2, bias=False)
+    ema = tg.EMA(model, 0.997)
+    with torch.no_grad():
+        w0 = model.weight.clone()
+        model.weight.add_(1.0)
+    ema.update(model)  # first update: decay min(0.997, 1/10) = 0.1
+    torch.testing.assert_close(ema.params[0], 0.1 * w0 + 0.9 * (w0 + 1))
+    for _ in range(5000):
+        ema.update(model)
+    torch.testing.assert_close(ema.params[0], w0 + 1)
+    before = ema.params[0].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # late: the full decay
+    torch.testing.assert_close(ema.params[0], 0.997 * before + 0.003 * (w0 + 2))
+    ema.copy_to(model)
+    assert torch.equal(model.weight, ema.params[0])
