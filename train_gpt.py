@@ -1190,6 +1190,7 @@ def main():
         raise SystemExit(f"validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
     log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
         f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} code_bytes:{code_bytes}")
+    log("kernels: ssd_scan=pytorch-chunked causal_conv1d=pytorch-shift-add attention=torch-sdpa")
 
     base_model = HybridGPT(hp).to(ctx.device)
     report = describe(hp, base_model, log)
