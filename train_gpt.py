@@ -80,7 +80,7 @@ class Hyperparameters:
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
         self.mamba_d_state = self._int("MAMBA_D_STATE", 64, 1, 512)
         self.mamba_d_conv = self._int("MAMBA_D_CONV", 4, 1, 16)
-        self.mamba_expand = self._float("MAMBA_EXPAND", 2.0, 0.25, 8.0)
+        self.mamba_expand = self._float("MAMBA_EXPAND", 1.5, 0.25, 8.0)
         self.mamba_headdim = self._int("MAMBA_HEADDIM", 64, 1, 1024)
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
         self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 128, 1, 4096)
@@ -763,7 +763,7 @@ def quant_kind(name, p):
 
 def row_scales(w, qmax):
     # fp16 is how scales are stored, so round first: the quantizer then sees the exact stored scale
-    return (w.abs().amax(dim=1) / qmax).clamp_min(1e-8).half().float()
+    return (w.abs().amax(dim=1) / qmax).half().float().clamp_min(2**-24)  # 2**-24: fp16's smallest step
 
 
 def quantize_rtn(w, qmax):
@@ -798,21 +798,6 @@ def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01):
             errors[:, i] = err
         W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
     return Q[:, torch.argsort(order)], scale
-
-
-def pack_int6(q):
-    """Signed int6 values (flat) -> 3 bytes per 4 values."""
-    u = (q.reshape(-1).to(torch.int32) + 32).numpy().astype(np.uint32)
-    u = np.concatenate([u, np.zeros((-len(u)) % 4, np.uint32)]).reshape(-1, 4)
-    word = u[:, 0] | (u[:, 1] << 6) | (u[:, 2] << 12) | (u[:, 3] << 18)
-    return np.stack([word & 255, (word >> 8) & 255, word >> 16], axis=1).astype(np.uint8).tobytes()
-
-
-def unpack_int6(data, n):
-    b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).astype(np.uint32)
-    word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-    u = np.stack([(word >> s) & 63 for s in (0, 6, 12, 18)], axis=1).reshape(-1)[:n]
-    return torch.from_numpy(u.astype(np.int8) - 32)
 
 
 def collect_hessians(model, batches, ctx, names):
@@ -869,8 +854,9 @@ def serialize(quantized, preset=9):
         if kind == "float":
             parts = [q.numpy().astype("<f4").tobytes()]
         else:
-            data = pack_int6(q) if kind == "int6" else q.numpy().astype(np.int8).tobytes()
-            parts = [s.numpy().astype("<f2").tobytes(), data]
+            # one byte per int6 value: LZMA codes the peaked value distribution better than 6-bit packing
+            # (measured 0.505 vs 0.574 bytes per value on Gaussian-like weights)
+            parts = [s.numpy().astype("<f2").tobytes(), q.numpy().astype(np.int8).tobytes()]
         entries.append(dict(name=name, kind=kind, shape=list(q.shape), sizes=[len(b) for b in parts]))
         blobs += parts
     header = json.dumps(entries).encode()
@@ -893,7 +879,7 @@ def deserialize(blob):
             state[e["name"]] = torch.from_numpy(np.frombuffer(parts[0], "<f4").copy()).view(shape)
             continue
         scale = torch.from_numpy(np.frombuffer(parts[0], "<f2").astype(np.float32))
-        q = unpack_int6(parts[1], numel) if e["kind"] == "int6" else torch.from_numpy(np.frombuffer(parts[1], np.int8).copy())
+        q = torch.from_numpy(np.frombuffer(parts[1], np.int8).copy())
         state[e["name"]] = (q.view(shape).float() * scale[:, None])
     return state
 
@@ -948,6 +934,8 @@ def sliding_windows(lo, hi, seq_len, stride):
     """Windows (start, end, done) scoring targets lo+1..hi (target j is token j, predicted from tokens
     < j). A window reads tokens[start:end+1] and scores targets done+1..end. The first window starting
     at token 0 scores a whole sequence; each later one advances by `stride`."""
+    if stride <= 0 or seq_len <= 0:
+        raise ValueError(f"sliding windows need stride > 0 and seq_len > 0, got {stride}, {seq_len}")
     windows, done = [], lo
     while done < hi:
         end = min(hi, done + stride if done > 0 else seq_len)
@@ -1091,8 +1079,16 @@ def describe(hp, model, log):
     int6 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int6")
     int8 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int8")
     flt = report["total"] - int6 - int8
-    log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> at most {int(int6 * 0.75 + int8 + 4 * flt):,} "
-        f"bytes before LZMA (cap {int(hp.target_mb * 1e6):,} incl. code)")
+    cap = int(hp.target_mb * 1e6)
+    # 0.75 bytes per quantized parameter after LZMA: measured on proxy runs of the default hybrid and of
+    # pure attention (0.754 and 0.733); trained weights vary, so this is a guide, not a promise
+    expected = int(0.75 * (int6 + int8) + 4 * flt + len(Path(__file__).read_bytes()))
+    log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "
+        f"(cap {cap:,})")
+    if expected > cap:
+        log(f"WARNING: this configuration will likely not fit TARGET_MB={hp.target_mb}: the export will prune "
+            "+-1 weights and stop with an error if that is not enough. Shrink NUM_LAYERS, MODEL_DIM, MLP_MULT, "
+            "MAMBA_EXPAND or VOCAB_SIZE.")
     return report
 
 
