@@ -945,13 +945,19 @@ def sliding_windows(lo, hi, seq_len, stride):
     return windows
 
 
-def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts):
-    """Summed loss (nats), target count and byte count over this rank's share of the windows."""
+def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
+    """Summed loss (nats), target count and byte count over this rank's share of the windows.
+    With `log`, rank 0 reports progress and an ETA about every tenth of the way."""
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     mine = windows[len(windows) * ctx.rank // ctx.world_size: len(windows) * (ctx.rank + 1) // ctx.world_size]
+    starts = range(0, len(mine), batch_seqs)
+    every, t0 = max(1, len(starts) // 10), time.time()
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), batch_seqs):
+        for n, i in enumerate(starts):
+            if log is not None and ctx.is_main and n and n % every == 0:
+                el = time.time() - t0
+                log(f"  eval {n}/{len(starts)} batches elapsed:{el:.0f}s eta:{el / n * (len(starts) - n):.0f}s")
             batch = mine[i:i + batch_seqs]
             x = torch.zeros(len(batch), seq_len, dtype=torch.int64)
             y = torch.zeros_like(x)
@@ -981,10 +987,10 @@ def stats_to_metrics(stats):
     return loss_sum / count, loss_sum / math.log(2) / nbytes
 
 
-def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts):
+def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     """(val_loss, val_bpb). stride == seq_len gives plain non-overlapping evaluation."""
     windows = sliding_windows(0, tokens.numel() - 1, seq_len, stride)
-    stats = reduce_stats(score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts), ctx)
+    stats = reduce_stats(score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log), ctx)
     model.train()
     return stats_to_metrics(stats)
 
@@ -1200,6 +1206,7 @@ def main():
     batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * hp.train_seq_len))
 
     if hp.warmup_steps:  # prime compile and kernels, then restore the initial state
+        log(f"warmup: {hp.warmup_steps} steps to compile and prime kernels (not timed; undone after)")
         init_model = copy.deepcopy(base_model.state_dict())
         init_opts = [copy.deepcopy(o.state_dict()) for o in opts]
         for s in range(hp.warmup_steps):
@@ -1265,7 +1272,7 @@ def main():
     final_loss, final_bpb = rt_loss, rt_bpb
     if hp.eval_stride:
         t_s = time.time()
-        final_loss, sl_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.eval_stride, batch_seqs, ctx, luts)
+        final_loss, sl_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.eval_stride, batch_seqs, ctx, luts, log)
         final_bpb = sl_bpb
         log(f"sliding stride:{hp.eval_stride} val_loss:{final_loss:.4f} val_bpb:{sl_bpb:.4f} ({time.time() - t_s:.1f}s)")
     if hp.ttt_enabled:

@@ -27,6 +27,7 @@ def test_seed_command_accepted_by_dry_run(tmp_path):
     assert "layer 12 decoder: attention" in r.stdout and "layer 11 decoder: mamba2" in r.stdout and "layer  8 encoder: mamba2" in r.stdout
     assert "layer 17 decoder: mamba2 <- skip from layer 0" in r.stdout
     assert '"MAMBA_EXPAND": 1.5' in r.stdout and '"TARGET_MB": 15.9' in r.stdout
+    assert "WARNING: this configuration will likely not fit TARGET_MB=15.9" in r.stdout  # 30M parameters
     params = dict(kv.split(":") for kv in r.stdout.split("params ")[1].split("\n")[0].split())
     assert int(params["total"].replace(",", "")) == sum(int(v.replace(",", "")) for k, v in params.items() if k != "total")
 
@@ -39,6 +40,7 @@ def test_default_dry_run_prints_layer_map_and_counts():
         model = tg.HybridGPT(hp)
     assert f"total:{sum(p.numel() for p in model.parameters()):,}" in r.stdout
     assert r.stdout.count("attention") >= 2 and "mamba2" in r.stdout
+    assert "WARNING" not in r.stdout  # the default fits the cap
 
 
 @pytest.mark.parametrize("env, needle", [
@@ -51,7 +53,7 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"MAMBA_LAYERS": "0,11"}, "MAMBA_LAYERS has [11]"),
     ({"NUM_HEADS": "6"}, "MODEL_DIM=512 must split into NUM_HEADS=6"),
     ({"NUM_KV_HEADS": "3"}, "NUM_HEADS=8 must be a multiple of NUM_KV_HEADS=3"),
-    ({"MAMBA_HEADDIM": "96"}, "must be a multiple of MAMBA_HEADDIM=96"),
+    ({"MAMBA_HEADDIM": "100"}, "must be a multiple of MAMBA_HEADDIM=100"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be at most TRAIN_SEQ_LEN=2048"),
     ({"EVAL_STRIDE": "0"}, "TTT_ENABLED=1 scores through sliding windows"),
 ])
