@@ -9,7 +9,7 @@ GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
 """
 from __future__ import annotations
 
-import contextlib, copy, glob, json, lzma, math, os, random, sys, tempfile, time, uuid
+import contextlib, copy, glob, hashlib, json, lzma, math, os, random, sys, tempfile, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -1155,7 +1155,8 @@ def main():
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    code_bytes = len(Path(__file__).read_bytes())
+    code = Path(__file__).read_bytes()
+    code_bytes, code_sha256 = len(code), hashlib.sha256(code).hexdigest()
     os.makedirs("logs", exist_ok=True)
     logfile = f"logs/{hp.run_id}.txt"
 
@@ -1191,7 +1192,7 @@ def main():
     if int(val_tokens.max()) >= hp.vocab_size:
         raise SystemExit(f"validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
     log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
-        f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} code_bytes:{code_bytes}")
+        f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} code_bytes:{code_bytes} code_sha256:{code_sha256}")
     log("kernels: ssd_scan=pytorch-chunked causal_conv1d=pytorch-shift-add attention=torch-sdpa")
 
     base_model = HybridGPT(hp).to(ctx.device)
@@ -1284,6 +1285,7 @@ def main():
     summary = dict(
         val_bpb=final_bpb, val_loss=final_loss, val_bpb_prequant=prequant_bpb, val_bpb_roundtrip=rt_bpb,
         val_bpb_sliding=sl_bpb, val_bpb_ttt=ttt_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
+        code_sha256=code_sha256,
         model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
         train_seconds=round(train_seconds, 2), step_ms=round(step_ms, 2),
         train_tokens_per_s=round(hp.train_batch_tokens * step / max(train_loop_s, 1e-9)),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from util import randomize_weights
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -36,17 +37,8 @@ def make_hp(**overrides):
 
 
 def make_model(hp, seed=0):
-    """Random non-zero weights everywhere (the zero-initialised projections would make the model
-    ignore its context, and then context-related checks could not fail)."""
     torch.manual_seed(seed)
-    model = tg.HybridGPT(hp)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and name.endswith(".weight") and "conv_weight" not in name:
-                std = 1.0 if tg.quant_kind(name, p) == "int8" else p.size(1) ** -0.5
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+    return randomize_weights(tg.HybridGPT(hp), seed + 1)
 
 
 def random_tokens(n, seed):

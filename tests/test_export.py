@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import train_gpt as tg
+from util import randomize_weights
 
 CTX = types.SimpleNamespace(device=torch.device("cpu"), distributed=False, rank=0, world_size=1, is_main=True)
 # Two layers: layer 0 Mamba-2, layer 1 attention + MLP; SMOKE supplies the other small defaults.
@@ -30,22 +31,10 @@ def small_hp(**overrides):
     return tg.Hyperparameters(env)
 
 
-def randomize_(model, seed):
-    """Non-trivial weights: the zero-initialised projections would otherwise make every layer after
-    the first see the raw embeddings, and make many rows all-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and name.endswith(".weight") and "conv_weight" not in name:
-                std = 1.0 if tg.quant_kind(name, p) == "int8" else p.size(1) ** -0.5
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 def small_model(seed=0, **overrides):
     hp = small_hp(**overrides)
     torch.manual_seed(seed)
-    return randomize_(tg.HybridGPT(hp), seed + 1), hp
+    return randomize_weights(tg.HybridGPT(hp), seed + 1), hp
 
 
 def hessian_error(W, Wq, H):

@@ -23,3 +23,15 @@ def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, co
     header[:3] = (magic, version, len(tokens) if count is None else count)
     with open(path, "wb") as f:
         f.write(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def randomize_weights(model, seed):
+    """Random non-zero matrices everywhere: zero-initialised projections would make later layers ignore
+    their context (context checks could not fail) and leave all-zero rows for the quantizer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and name.endswith(".weight") and "conv_weight" not in name:
+                std = 1.0 if tg.quant_kind(name, p) == "int8" else p.size(1) ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
