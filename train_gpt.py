@@ -9,7 +9,7 @@ GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
 """
 from __future__ import annotations
 
-import contextlib, copy, glob, hashlib, json, lzma, math, os, random, sys, tempfile, time, uuid
+import contextlib, copy, glob, hashlib, importlib.util, json, lzma, math, os, random, sys, tempfile, time, types, uuid
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,8 @@ class Hyperparameters:
         self.run_id = self._str("RUN_ID", time.strftime("run_%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
         self.seed = self._int("SEED", 1337, 0, 2**31 - 1)
         self.compile = self._flag("COMPILE", 1)
+        self.fast_kernels = self._flag("FAST_KERNELS", 1)            # 0: the PyTorch paths even on GPU
+        self.require_fast_kernels = self._flag("REQUIRE_FAST_KERNELS", 0)  # 1: a missing kernel is an error
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
         self.warmdown_iters = self._int("WARMDOWN_ITERS", 3500, 0, 10**7)
@@ -325,7 +327,54 @@ def segment_sums(a):
     return diff.masked_fill(~causal, float("-inf"))
 
 
+KERNELS = {"ssd_scan": None}  # filled by configure_kernels(); None means the PyTorch path
+
+
+def load_mamba_ssd():
+    """mamba_ssm's Triton SSD function, or the reason it is unavailable. Imported without running
+    mamba_ssm/__init__.py, which needs the Mamba-1 CUDA extension that the SSD path never uses."""
+    try:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None:
+            return None, "mamba_ssm is not installed"
+        if "mamba_ssm" not in sys.modules:
+            package = types.ModuleType("mamba_ssm")
+            package.__path__ = list(spec.submodule_search_locations)
+            sys.modules["mamba_ssm"] = package
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return mamba_chunk_scan_combined, None
+    except Exception as e:  # a broken install must not stop a run that can fall back
+        return None, f"mamba_ssm SSD import failed: {e!r}"
+
+
+def configure_kernels(hp, device, log=print):
+    """Choose each kernel call site's implementation once, at startup, and say which."""
+    KERNELS["ssd_scan"], why = None, "FAST_KERNELS=0" if not hp.fast_kernels else "no CUDA device"
+    if hp.fast_kernels and device.type == "cuda":
+        KERNELS["ssd_scan"], why = load_mamba_ssd()
+    log(f"kernels: ssd_scan={'mamba_ssm-triton' if KERNELS['ssd_scan'] else 'pytorch-chunked'} "
+        "causal_conv1d=pytorch-shift-add attention=torch-sdpa")
+    if device.type == "cuda" and hp.fast_kernels and KERNELS["ssd_scan"] is None:
+        msg = f"the fast SSD kernel is unavailable ({why}); the PyTorch SSD scan is much slower"
+        if hp.require_fast_kernels:
+            raise SystemExit(f"REQUIRE_FAST_KERNELS=1: {msg}")
+        log(f"WARNING: {msg}")
+
+
+@torch.compiler.disable  # the library's autograd Function is opaque to the compiler: one clean graph break
+def ssd_scan_fast(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
+    return KERNELS["ssd_scan"](x, dt, A, B, C, chunk_size, initial_states=initial_state,
+                               return_final_states=return_final_state)
+
+
 def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
+    """Mamba-2's SSD scan: mamba_ssm's Triton kernel on CUDA when configured, else ssd_scan_torch."""
+    if KERNELS["ssd_scan"] is not None and x.is_cuda:
+        return ssd_scan_fast(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
+    return ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
+
+
+def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
     """Mamba-2's state-space dual scan, chunked, in plain PyTorch.
     Per head h: state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T;  y_t = state_t C_t.
     x: (B, L, H, P); dt: (B, L, H) (already softplus'd); A: (H,); B, C: (B, L, G, N); H % G == 0.
@@ -1193,7 +1242,7 @@ def main():
         raise SystemExit(f"validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
     log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
         f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} code_bytes:{code_bytes} code_sha256:{code_sha256}")
-    log("kernels: ssd_scan=pytorch-chunked causal_conv1d=pytorch-shift-add attention=torch-sdpa")
+    configure_kernels(hp, ctx.device, log)
 
     base_model = HybridGPT(hp).to(ctx.device)
     report = describe(hp, base_model, log)

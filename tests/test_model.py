@@ -150,3 +150,10 @@ def test_forward_loss_is_per_token_cross_entropy():
     torch.testing.assert_close(loss, ref.view(2, 16))
     logits = model.logits(ids)
     assert logits.abs().max() <= hp.logit_softcap
+
+
+def test_kernel_configuration_on_cpu_uses_the_pytorch_paths():
+    lines = []
+    tg.configure_kernels(make_hp(), torch.device("cpu"), lines.append)
+    assert tg.KERNELS["ssd_scan"] is None
+    assert lines == ["kernels: ssd_scan=pytorch-chunked causal_conv1d=pytorch-shift-add attention=torch-sdpa"]
