@@ -69,8 +69,8 @@ def test_model_loss_and_grads_kernel_vs_fallback(ssd_kernel):
 def test_require_fast_kernels_is_an_error_when_missing(monkeypatch):
     monkeypatch.setattr(tg, "load_mamba_ssd", lambda: (None, "test: pretend missing"))
     with pytest.raises(SystemExit, match="REQUIRE_FAST_KERNELS=1"):
-        tg.configure_kernels(make_hp(REQUIRE_FAST_KERNELS=1), torch.device("cuda"), lambda m: None)
+        tg.configure_kernels(make_hp(FAST_KERNELS=1, REQUIRE_FAST_KERNELS=1), torch.device("cuda"), lambda m: None)
     lines = []
-    tg.configure_kernels(make_hp(), torch.device("cuda"), lines.append)
+    tg.configure_kernels(make_hp(FAST_KERNELS=1), torch.device("cuda"), lines.append)
     assert any(line.startswith("WARNING: the fast SSD kernel is unavailable") for line in lines)
     tg.KERNELS["ssd_scan"] = None

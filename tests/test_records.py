@@ -1,0 +1,253 @@
+"""records/: log parsing, the t distribution and the significance test, the submission packager, the plot.
+
+Fixtures: tests/fixtures/smoke_seed{1,2,3}.txt are the logs of three real SMOKE runs (see
+tests/fixtures/README.md). Their code_sha256/code_bytes are those of train_gpt.py as it was then; the script
+moves on, so `logs()` below writes tmp_path copies whose final_summary is made to match whichever script the
+test passes as --train-script (the real train_gpt.py by default), plus any edits a test wants (a too-large
+artifact, a duplicate seed, ...). Everything else in the logs is as the runs wrote it.
+"""
+import hashlib
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "records"))
+import package as pk  # noqa: E402
+import plot_runs  # noqa: E402
+from runlog import Run  # noqa: E402
+
+FIXTURES = sorted((ROOT / "tests" / "fixtures").glob("smoke_seed*.txt"))
+SCRIPT = ROOT / "train_gpt.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The key set the challenge's recent records/track_10min_16mb/*/submission.json share.
+RECORD_KEYS = {"author", "github_id", "name", "blurb", "date", "track", "val_loss", "val_bpb", "val_bpb_std",
+               "val_loss_std", "seeds", "seed_results", "bytes_total", "bytes_code", "compliance"}
+
+
+def logs(tmp_path, script=SCRIPT, edits=None, drop_summary=()):
+    """Copies of the fixture logs in tmp_path/logs, final_summary's code fields matching `script`;
+    edits: {index: {summary key or "SEED": value}}; drop_summary: indices whose final_summary is removed."""
+    code = Path(script).read_bytes()
+    out = []
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    for i, src in enumerate(FIXTURES):
+        lines = src.read_text().splitlines()
+        assert lines[-1].startswith("final_summary ")
+        summary = json.loads(lines[-1][len("final_summary "):])
+        summary.update(code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code))
+        for k, v in (edits or {}).get(i, {}).items():
+            if k == "SEED":
+                summary["config"]["SEED"] = v
+            else:
+                summary[k] = v
+        lines[-1] = "final_summary " + json.dumps(summary)
+        if i in drop_summary:
+            lines = lines[:-1]
+        dst = tmp_path / "logs" / src.name
+        dst.write_text("\n".join(lines) + "\n")
+        out.append(dst)
+    return out
+
+
+def package(tmp_path, log_paths, *extra, script=SCRIPT):
+    argv = [str(p) for p in log_paths] + [
+        "--name", "Smoke hybrid", "--author", "Tester", "--github-id", "tester", "--track", "track_10min_16mb",
+        "--baseline-bpb", "0.65", "--date", "2026-05-01", "--out", str(tmp_path / "out"),
+        "--requirements", str(ROOT / "requirements.txt"), "--train-script", str(script), *extra]
+    return pk.main(argv)
+
+
+# ---- the t distribution ----------------------------------------------------------------------
+
+def test_betainc_known_values():
+    # I_0.4(2, 3) = sum_{j=2..4} C(4,j) 0.4^j 0.6^(4-j) = 0.3456 + 0.1536 + 0.0256
+    assert pk.betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-12)
+    for x in (0.01, 0.3, 0.7, 0.99):  # arcsine law: I_x(1/2, 1/2) = (2/pi) asin(sqrt(x))
+        assert pk.betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), abs=1e-12)
+    assert pk.betainc(3.5, 1.5, 0.2) == pytest.approx(1 - pk.betainc(1.5, 3.5, 0.8), abs=1e-12)
+
+
+def test_t_cdf_closed_forms_and_table():
+    for t in (-40.0, -6.965, -2.0, -0.3, 0.0, 0.5, 3.0, 12.0):
+        assert pk.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)            # Cauchy
+        assert pk.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    # one-sided 1% and 5% critical values from a printed t table (3 decimals: +-0.0005 in t moves p by < 5e-5)
+    for df, t, p in [(1, -31.821, 0.01), (2, -6.965, 0.01), (4, -3.747, 0.01), (10, -2.764, 0.01),
+                     (30, -2.457, 0.01), (5, 2.015, 0.95), (20, -1.725, 0.05)]:
+        assert pk.t_cdf(t, df) == pytest.approx(p, abs=5e-5)
+    assert pk.t_cdf(-1.959964, 1e7) == pytest.approx(0.025, abs=1e-6)  # large df: the normal
+    assert pk.t_cdf(-math.inf, 3) == 0.0 and pk.t_cdf(math.inf, 3) == 1.0
+
+
+def test_one_sample_test_at_the_table_value():
+    # scores with mean 1.0, s = 0.01 (n = 3, df = 2); baseline placed so that t = -6.965, the 1% point.
+    scores, se = [0.99, 1.00, 1.01], 0.01 / math.sqrt(3)
+    baseline = 1.0 + 6.965 * se + pk.MARGIN
+    sig = pk.significance(scores, baseline)
+    assert sig["kind"] == "one-sample" and sig["df"] == 2
+    assert sig["threshold"] == pytest.approx(baseline - 0.005)
+    assert sig["t"] == pytest.approx(-6.965, abs=1e-9) and sig["p"] == pytest.approx(0.01, abs=2e-5)
+    assert pk.significance(scores, baseline + 0.001)["significant"]
+    assert not pk.significance(scores, baseline - 0.001)["significant"]
+    assert pk.significance([1.0], 2.0)["p"] is None          # one seed: not testable
+    assert pk.significance([1.0, 1.0], 2.0)["p"] == 0.0        # no spread: decided by the sign
+
+
+def test_welch_test_by_hand():
+    # equal n and variance: s^2 = 1e-4 each, t = (1.01 - 1.04 + 0.005) / sqrt(2e-4 / 3), Welch df = 2(n-1) = 4
+    sig = pk.significance([1.00, 1.01, 1.02], None, baseline_scores=[1.03, 1.04, 1.05])
+    t = -0.025 / math.sqrt(2e-4 / 3)
+    u = 1 + t * t / 4   # closed-form t CDF for df = 4
+    p4 = 0.5 + 0.375 * t / math.sqrt(u) * (1 - t * t / (12 * u))
+    assert sig["kind"].startswith("Welch") and sig["t"] == pytest.approx(t) and sig["df"] == pytest.approx(4)
+    assert sig["p"] == pytest.approx(p4, abs=1e-12) and not sig["significant"]
+    # unequal: v1/n1 = (5/3)/4, v2/n2 = 4/3; df = 1.75^2 / ((5/12)^2/3 + (4/3)^2/2) = 3.2347...
+    sig = pk.significance([1, 2, 3, 4], None, baseline_scores=[2, 4, 6], margin=0.0)
+    assert sig["t"] == pytest.approx(-1.5 / math.sqrt(1.75)) and sig["df"] == pytest.approx(3.0625 / 0.9467593, rel=1e-6)
+
+# ---- packaging --------------------------------------------------------------------------------
+
+def test_fixtures_are_three_finished_smoke_runs():
+    runs = [Run(p) for p in FIXTURES]
+    assert [r.seed for r in runs] == [1, 2, 3] and all(r.summary and r.config["SMOKE"] == 1 for r in runs)
+    assert len({r.summary["code_sha256"] for r in runs}) == 1  # one script version for all three
+
+
+def test_valid_package(tmp_path, capsys):
+    paths = logs(tmp_path)
+    assert package(tmp_path, paths) == 0
+    folder = tmp_path / "out" / "track_10min_16mb" / "2026-05-01_Smoke_hybrid"
+    files = {"README.md", "submission.json", "train_seed1.log", "train_seed2.log", "train_seed3.log",
+             "train_gpt.py", "requirements.txt", pk.PLOT}
+    assert {p.name for p in folder.iterdir()} == files
+    assert (folder / "train_gpt.py").read_bytes() == SCRIPT.read_bytes()
+    assert (folder / "requirements.txt").read_bytes() == (ROOT / "requirements.txt").read_bytes()
+    for i, p in enumerate(paths, 1):
+        assert (folder / f"train_seed{i}.log").read_bytes() == p.read_bytes()
+    png = (folder / pk.PLOT).read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+    S = [Run(p).summary for p in paths]
+    sub = json.loads((folder / "submission.json").read_text())
+    assert RECORD_KEYS <= set(sub)
+    assert sub["name"] == "Smoke hybrid" and sub["author"] == "Tester" and sub["github_id"] == "tester"
+    assert sub["track"] == "10min_16mb" and sub["date"] == "2026-05-01" and sub["seeds"] == [1, 2, 3]
+    assert sub["val_bpb"] == pytest.approx(statistics.fmean(s["val_bpb"] for s in S), abs=1e-8)
+    assert sub["val_loss"] == pytest.approx(statistics.fmean(s["val_loss"] for s in S), abs=1e-8)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(s["val_bpb"] for s in S), abs=1e-8)
+    assert sub["bytes_total"] == max(s["artifact_bytes"] for s in S)
+    assert sub["bytes_code"] == len(SCRIPT.read_bytes())
+    for seed, s in zip(("1", "2", "3"), S):
+        r = sub["seed_results"][seed]
+        assert r["val_bpb"] == pytest.approx(s["val_bpb"], abs=1e-8) and r["artifact_bytes"] == s["artifact_bytes"]
+        assert r["steps"] == s["steps"] and r["train_time_s"] == s["train_seconds"]
+    assert all(sub["compliance"].values())
+    sig = pk.significance([s["val_bpb"] for s in S], 0.65)
+    assert sub["p_value"] == pytest.approx(sig["p"]) and sub["t_statistic"] == pytest.approx(sig["t"], abs=1e-8)
+
+    readme = (folder / "README.md").read_text()
+    assert "| seed | RUN_ID | val_bpb |" in readme and "| **mean** |" in readme
+    for s in S:
+        assert f"| {s['config']['SEED']} | {s['config']['RUN_ID']} | {s['val_bpb']:.5f} |" in readme
+    test_line = pk.describe_test(sig, "val_bpb")
+    assert test_line in readme and "p = " in test_line and "one-sample" in test_line
+    assert "margin is applied in bpb units" in readme and "SMOKE=1 runs" in readme
+    assert "    export SMOKE=1\n" in readme  # SMOKE's own defaults otherwise: nothing else to state
+    assert "    SEED=2 RUN_ID=smoke_seed2 python3 train_gpt.py" in readme
+    assert f"![training curves]({pk.PLOT})" in readme
+    assert test_line in capsys.readouterr().out
+
+
+def test_loss_baseline_and_welch(tmp_path):
+    S = [Run(p).summary for p in FIXTURES]
+    assert package(tmp_path, logs(tmp_path), "--baseline-loss", "1.2", "--baseline-scores", "1.19,1.2,1.21") == 0
+    folder = next((tmp_path / "out" / "track_10min_16mb").iterdir())
+    sub = json.loads((folder / "submission.json").read_text())
+    sig = pk.significance([s["val_loss"] for s in S], None, baseline_scores=[1.19, 1.2, 1.21])
+    assert sig["kind"].startswith("Welch") and sub["p_value"] == pytest.approx(sig["p"]) and sub["significant"]
+    readme = (folder / "README.md").read_text()
+    assert pk.describe_test(sig, "val_loss") in readme and "applied to val_loss as the rule states" in readme
+
+
+@pytest.mark.parametrize("edits, drop, expect", [
+    ({1: {"artifact_bytes": 16_000_001}}, (), ["smoke_seed2.txt: artifact_bytes 16,000,001 > 16,000,000"]),
+    ({0: {"train_seconds": 600.4}}, (), ["smoke_seed1.txt: train_seconds 600.4 > 600"]),
+    ({2: {"eval_seconds": 612.0}}, (), ["smoke_seed3.txt: eval_seconds 612.0 > 600"]),
+    ({1: {"code_sha256": "0" * 64}}, (), ["smoke_seed2.txt: code_sha256 000000000000... is not the sha256",
+                                           "code_sha256 differs between the logs"]),
+    ({2: {"SEED": 1}}, (), ["smoke_seed3.txt: SEED 1 again (also in"]),
+    ({}, (1,), ["smoke_seed2.txt: no final_summary line"]),
+    ({0: {"artifact_bytes": 17_000_000}, 2: {"train_seconds": 700.0, "eval_seconds": 650.0}}, (0,),
+     ["smoke_seed1.txt: no final_summary", "smoke_seed3.txt: train_seconds 700.0", "smoke_seed3.txt: eval_seconds 650.0"]),
+], ids=["oversize", "train_time", "eval_time", "code_hash", "dup_seed", "no_summary", "several"])
+def test_failures_listed_nothing_written(tmp_path, capsys, edits, drop, expect):
+    assert package(tmp_path, logs(tmp_path, edits=edits, drop_summary=drop)) == 1
+    err = capsys.readouterr().err
+    assert "nothing written" in err
+    for e in expect:
+        assert e in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_script_version_is_refused(tmp_path, capsys):
+    """The logs match train_gpt.py; a train script one byte longer is another version: every log is named."""
+    other = tmp_path / "train_gpt.py"
+    other.write_bytes(SCRIPT.read_bytes() + b"\n")
+    assert package(tmp_path, logs(tmp_path), script=other) == 1
+    err = capsys.readouterr().err
+    for p in FIXTURES:
+        assert f"{p.name}: code_sha256" in err and f"{p.name}: code_bytes {len(SCRIPT.read_bytes())} != " in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_folder_and_config_mismatch_refused(tmp_path, capsys):
+    paths = logs(tmp_path)
+    lines = paths[1].read_text().splitlines()
+    s = json.loads(lines[-1][len("final_summary "):])
+    s["config"]["NUM_LAYERS"] = 5
+    paths[1].write_text("\n".join(lines[:-1] + ["final_summary " + json.dumps(s)]) + "\n")
+    (tmp_path / "out" / "track_10min_16mb" / "2026-05-01_Smoke_hybrid").mkdir(parents=True)
+    assert package(tmp_path, paths) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "smoke_seed2.txt: config NUM_LAYERS=5 differs" in err
+    assert list((tmp_path / "out" / "track_10min_16mb" / "2026-05-01_Smoke_hybrid").iterdir()) == []
+
+
+def test_launch_env_against_script_defaults():
+    defaults, smoke, consts = pk.script_defaults(SCRIPT.read_text())
+    assert "RUN_ID" not in defaults and defaults["SEED"] == 1337 and "DOWNLOAD_HINT" in consts
+    config = dict(defaults, RUN_ID="r", SEED=7, GRAD_ACCUM_STEPS=1, NUM_LAYERS=12, MAMBA_LAYERS="")
+    assert pk.launch_env(config, 8, defaults, smoke) == ["MAMBA_LAYERS=''", "NUM_LAYERS=12"]
+    assert pk.launch_env(dict(config, GRAD_ACCUM_STEPS=2), 8, defaults, smoke)[0] == "GRAD_ACCUM_STEPS=2"
+    assert pk.launcher(8) == "torchrun --standalone --nproc_per_node=8 train_gpt.py"
+
+# ---- logs and the plot ------------------------------------------------------------------------
+
+def test_run_parsing_and_times(tmp_path):
+    run = Run(FIXTURES[0])
+    assert run.steps[0][0] == 1 and [v[0] for v in run.vals] == [100, 200]
+    assert set(run.evals) == {"prequant", "roundtrip", "sliding", "ttt"}
+    assert run.evals["ttt"][1] == pytest.approx(run.summary["val_bpb_ttt"], abs=1e-4)
+    step_ms = {s: ms for s, _, ms in run.steps}
+    assert run.seconds_at(100) == pytest.approx(100 * step_ms[100] / 1000)   # a step line at the val step
+    log = tmp_path / "x.txt"  # a val step between step lines: linear in between, last step_ms beyond
+    log.write_text("step:10/100 train_loss:2.0 step_ms:100.0 tok/s:1 train_time:1s eta:9s\n"
+                   "step:20/100 train_loss:1.5 step_ms:150.0 tok/s:1 train_time:3s eta:9s\n"
+                   "step:15/100 val_loss:1.6 val_bpb:1.1\n")
+    r = Run(log)
+    assert r.summary is None and "no final_summary" in r.summary_error
+    assert r.seconds_at(15) == pytest.approx(2.0) and r.seconds_at(30) == pytest.approx(3.0 + 10 * 0.15)
+
+
+def test_plot_runs_cli(tmp_path, capsys):
+    out = tmp_path / "runs.png"
+    assert plot_runs.main([str(p) for p in FIXTURES] + ["-o", str(out)]) == 0
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert plot_runs.main([str(tmp_path / "missing.txt"), "-o", str(tmp_path / "m.png")]) == 2
+    assert not (tmp_path / "m.png").exists()
