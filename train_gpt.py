@@ -1189,6 +1189,44 @@ def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
     return float(-logp[tgt].sum() / target_bytes(prev, tgt, luts).sum())
 
 
+def write_artifact(quantized, hp, ctx, code_bytes, log):
+    """Compressed model under TARGET_MB with the code counted (pruned to fit, or a loud stop), written
+    once by rank 0. Returns (path, artifact bytes including code)."""
+    t0, cap = time.time(), int(hp.target_mb * 1e6)
+    blob = serialize(quantized)
+    if len(blob) + code_bytes > cap:
+        log(f"artifact {len(blob) + code_bytes} bytes > TARGET_MB={hp.target_mb}: pruning")
+        blob = prune_to_fit(quantized, cap - code_bytes, log)
+    path = f"logs/{hp.run_id}.int6.xz"
+    if ctx.is_main:
+        Path(path).write_bytes(blob)
+    if ctx.distributed:
+        dist.barrier()
+    total = len(Path(path).read_bytes()) + code_bytes
+    log(f"artifact: {path} model_bytes:{total - code_bytes} code_bytes:{code_bytes} total:{total} (cap {cap}) "
+        f"in {time.time() - t0:.1f}s")
+    return path, total
+
+
+def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
+    """Roundtrip (plain), sliding and TTT scores of the loaded artifact; val_bpb is the last one run."""
+    L = hp.train_seq_len
+    loss, bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts)
+    log(f"roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+    scores = dict(val_bpb=bpb, val_loss=loss, val_bpb_roundtrip=bpb, val_bpb_sliding=None, val_bpb_ttt=None)
+    if hp.eval_stride:
+        t0 = time.time()
+        loss, bpb = evaluate(model, val_tokens, L, hp.eval_stride, batch_seqs, ctx, luts, log)
+        scores.update(val_bpb=bpb, val_loss=loss, val_bpb_sliding=bpb)
+        log(f"sliding stride:{hp.eval_stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
+    if hp.ttt_enabled:
+        t0 = time.time()
+        loss, bpb, _ = evaluate_ttt(model, val_tokens, hp, batch_seqs, ctx, luts, log)
+        scores.update(val_bpb=bpb, val_loss=loss, val_bpb_ttt=bpb)
+        log(f"ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
+    return scores
+
+
 def main():
     t_start = time.time()
     try:
@@ -1303,40 +1341,13 @@ def main():
     log(f"gptq: {len(hessians)} matrices with Hessians, {time.time() - t_q:.1f}s; train_seconds:{train_seconds:.1f}"
         + (f" (cap {cap:.0f}s)" if cap else ""))
 
-    # artifact: compressed model + code, under the cap, written once, read back without pickle
-    t_eval = time.time()
-    limit = int(hp.target_mb * 1e6) - code_bytes
-    blob = serialize(quantized)
-    if len(blob) > limit:
-        log(f"artifact {len(blob) + code_bytes} bytes > TARGET_MB={hp.target_mb}: pruning")
-        blob = prune_to_fit(quantized, limit, log)
-    artifact_path = f"logs/{hp.run_id}.int6.xz"
-    if ctx.is_main:
-        Path(artifact_path).write_bytes(blob)
-    if ctx.distributed:
-        dist.barrier()
-    artifact_bytes = len(Path(artifact_path).read_bytes()) + code_bytes
-    log(f"artifact: {artifact_path} model_bytes:{artifact_bytes - code_bytes} code_bytes:{code_bytes} "
-        f"total:{artifact_bytes} (cap {int(hp.target_mb * 1e6)})")
+    artifact_path, artifact_bytes = write_artifact(quantized, hp, ctx, code_bytes, log)
     base_model.load_state_dict(deserialize(Path(artifact_path).read_bytes()))
-    rt_loss, rt_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
-    log(f"roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f}")
-    sl_bpb = ttt_bpb = None
-    final_loss, final_bpb = rt_loss, rt_bpb
-    if hp.eval_stride:
-        t_s = time.time()
-        final_loss, sl_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.eval_stride, batch_seqs, ctx, luts, log)
-        final_bpb = sl_bpb
-        log(f"sliding stride:{hp.eval_stride} val_loss:{final_loss:.4f} val_bpb:{sl_bpb:.4f} ({time.time() - t_s:.1f}s)")
-    if hp.ttt_enabled:
-        t_t = time.time()
-        final_loss, ttt_bpb, _ = evaluate_ttt(base_model, val_tokens, hp, batch_seqs, ctx, luts, log)
-        final_bpb = ttt_bpb
-        log(f"ttt val_loss:{final_loss:.4f} val_bpb:{ttt_bpb:.4f} ({time.time() - t_t:.1f}s)")
+    t_eval = time.time()
+    scores = final_evaluation(base_model, val_tokens, hp, batch_seqs, ctx, luts, log)
     eval_seconds = time.time() - t_eval
     summary = dict(
-        val_bpb=final_bpb, val_loss=final_loss, val_bpb_prequant=prequant_bpb, val_bpb_roundtrip=rt_bpb,
-        val_bpb_sliding=sl_bpb, val_bpb_ttt=ttt_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
+        **scores, val_bpb_prequant=prequant_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
         code_sha256=code_sha256,
         model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
         train_seconds=round(train_seconds, 2), step_ms=round(step_ms, 2),
@@ -1346,7 +1357,7 @@ def main():
         world_size=ctx.world_size, config=hp.resolved)
     if hp.smoke:
         summary["unigram_bpb"] = unigram_bpb(torch.cat([load_data_shard(f) for f in train_files]), val_tokens, hp.vocab_size, luts)
-        log(f"smoke: val_bpb {final_bpb:.4f} vs unigram baseline {summary['unigram_bpb']:.4f}")
+        log(f"smoke: val_bpb {summary['val_bpb']:.4f} vs unigram baseline {summary['unigram_bpb']:.4f}")
     log("final_summary " + json.dumps(summary))
     if ctx.distributed:
         dist.destroy_process_group()
