@@ -97,14 +97,13 @@ def significance(scores, baseline, baseline_scores=None, margin=MARGIN, alpha=AL
         return dict(out, t=None, df=None, p=None, significant=False)
     var_term = out["std"] ** 2 / n
     se2 = var_term + (vb / nb if nb else 0.0)
-    df = se2 ** 2 / (var_term ** 2 / (n - 1) + (vb / nb) ** 2 / (nb - 1)) if nb else n - 1
     diff = mean - out["threshold"]
-    if se2 == 0:   # identical scores: no spread to test against, decided by the sign alone
-        t = -math.inf if diff < 0 else math.inf
-        df = df if nb else n - 1
+    if se2 == 0:   # no spread at all (identical scores): decided by the sign alone
+        t, df, p = (-math.inf, n - 1, 0.0) if diff < 0 else (math.inf, n - 1, 1.0)
     else:
         t = diff / math.sqrt(se2)
-    p = t_cdf(t, df) if df and not math.isnan(df) else (0.0 if t < 0 else 1.0)
+        df = se2 ** 2 / (var_term ** 2 / (n - 1) + (vb / nb) ** 2 / (nb - 1)) if nb else n - 1
+        p = t_cdf(t, df)
     return dict(out, t=t, df=df, p=p, significant=p < alpha)
 
 
@@ -271,8 +270,7 @@ def results_table(runs):
                     + " | ".join(fmt(s.get(k), f) for _, k, f in COLUMNS) + " |")
     stats = [mean_std([r.summary.get(k) for r in runs]) for _, k, _ in COLUMNS]
     rows.append("| **mean** | | " + " | ".join(fmt(m, f) for (m, _), (_, _, f) in zip(stats, COLUMNS)) + " |")
-    rows.append("| std | | " + " | ".join(fmt(sd, f if "bpb" in k or "loss" in k else ".1f")
-                                          for (_, sd), (_, k, f) in zip(stats, COLUMNS)) + " |")
+    rows.append("| std | | " + " | ".join(fmt(sd, f) for (_, sd), (_, _, f) in zip(stats, COLUMNS)) + " |")
     return "\n".join(rows)
 
 

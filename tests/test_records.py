@@ -96,6 +96,7 @@ def test_one_sample_test_at_the_table_value():
     assert not pk.significance(scores, baseline - 0.001)["significant"]
     assert pk.significance([1.0], 2.0)["p"] is None          # one seed: not testable
     assert pk.significance([1.0, 1.0], 2.0)["p"] == 0.0        # no spread: decided by the sign
+    assert pk.significance([1.0, 1.0], None, baseline_scores=[1.0, 1.0])["p"] == 1.0
 
 
 def test_welch_test_by_hand():
@@ -157,7 +158,12 @@ def test_valid_package(tmp_path, capsys):
     test_line = pk.describe_test(sig, "val_bpb")
     assert test_line in readme and "p = " in test_line and "one-sample" in test_line
     assert "margin is applied in bpb units" in readme and "SMOKE=1 runs" in readme
-    assert "    export SMOKE=1\n" in readme  # SMOKE's own defaults otherwise: nothing else to state
+    # the env differing from the script's (SMOKE) defaults: SMOKE=1 and whatever the script's defaults have
+    # moved on from since the fixtures were made; never SEED, RUN_ID or SMOKE's temporary data paths
+    defaults, smoke, _ = pk.script_defaults(SCRIPT.read_text())
+    env = pk.launch_env(S[0]["config"], 1, defaults, smoke)
+    assert "SMOKE=1" in env and not any(e.split("=")[0] in pk.PER_RUN_KEYS for e in env)
+    assert "    export " + " ".join(env) + "\n" in readme
     assert "    SEED=2 RUN_ID=smoke_seed2 python3 train_gpt.py" in readme
     assert f"![training curves]({pk.PLOT})" in readme
     assert test_line in capsys.readouterr().out
