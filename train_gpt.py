@@ -901,7 +901,7 @@ def quantize_model(model, hessians, deadline=None, log=print):
 
 def serialize(quantized, preset=9):
     """The artifact: LZMA( uint32 header length | JSON header | raw tensor bytes )."""
-    entries, blobs, offset = [], [], 0
+    entries, blobs = [], []
     for name, (kind, q, s) in quantized.items():
         if kind == "float":
             parts = [q.numpy().astype("<f4").tobytes()]
@@ -926,7 +926,7 @@ def deserialize(blob):
         for size in e["sizes"]:
             parts.append(raw[pos:pos + size])
             pos += size
-        shape, numel = e["shape"], math.prod(e["shape"])
+        shape = e["shape"]
         if e["kind"] == "float":
             state[e["name"]] = torch.from_numpy(np.frombuffer(parts[0], "<f4").copy()).view(shape)
             continue
@@ -1114,7 +1114,8 @@ class Context:
         else:
             self.device = torch.device("cpu")
         if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device if self.device.type == "cuda" else None)
+            cuda = self.device.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
         self.is_main = self.rank == 0
 
 

@@ -1,6 +1,4 @@
 """MODEL: the SSD scan against a plain recurrence, the causal conv, causality, gradients."""
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F

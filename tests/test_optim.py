@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from util import CPUContext, make_hp, write_shard
+from util import make_hp, write_shard
 
 
 def test_every_parameter_in_exactly_one_group():

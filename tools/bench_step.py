@@ -2,7 +2,7 @@
 """Time one training step (forward + backward) of a configuration on the GPU, with the fast SSD kernel
 and with the PyTorch fallback, eager and compiled. Configure with train_gpt.py's env vars.
 usage: python3 tools/bench_step.py [--batch-seqs 64] [--iters 10] [--compile]"""
-import argparse, os, sys, time
+import argparse, sys, time
 from pathlib import Path
 
 import torch
