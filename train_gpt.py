@@ -1024,7 +1024,7 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
                 loss = model(x, y)
             stats[0] += loss[mask].double().sum()
             stats[1] += mask.sum()
-            stats[2] += target_bytes(x[mask].cpu(), y[mask].cpu(), luts).sum().to(ctx.device)
+            stats[2] += target_bytes(x[mask], y[mask], luts).sum()
     return stats
 
 
@@ -1277,7 +1277,7 @@ def main():
     sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     if sp.vocab_size() != hp.vocab_size:
         raise SystemExit(f"VOCAB_SIZE={hp.vocab_size} but the tokenizer {hp.tokenizer_path} has {sp.vocab_size()} pieces")
-    luts = build_byte_luts(sp, hp.vocab_size)
+    luts = tuple(t.to(ctx.device) for t in build_byte_luts(sp, hp.vocab_size))  # byte counts stay on device
     train_files = shard_files(hp.data_path, "train")
     val_tokens = load_validation_tokens(hp.data_path, hp.train_seq_len)
     if int(val_tokens.max()) >= hp.vocab_size:
@@ -1357,7 +1357,8 @@ def main():
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if ctx.device.type == "cuda" else None,
         world_size=ctx.world_size, config=hp.resolved)
     if hp.smoke:
-        summary["unigram_bpb"] = unigram_bpb(torch.cat([load_data_shard(f) for f in train_files]), val_tokens, hp.vocab_size, luts)
+        summary["unigram_bpb"] = unigram_bpb(torch.cat([load_data_shard(f) for f in train_files]), val_tokens,
+                                             hp.vocab_size, tuple(t.cpu() for t in luts))
         log(f"smoke: val_bpb {summary['val_bpb']:.4f} vs unigram baseline {summary['unigram_bpb']:.4f}")
     log("final_summary " + json.dumps(summary))
     if ctx.distributed:
