@@ -1130,7 +1130,7 @@ def layer_map(model):
     return "\n".join(lines)
 
 
-def describe(hp, model, log):
+def describe(hp, model, log, code_bytes):
     log("config " + json.dumps(hp.resolved, sort_keys=True))
     log("layer map:\n" + layer_map(model))
     report = parameter_report(model)
@@ -1141,7 +1141,7 @@ def describe(hp, model, log):
     cap = int(hp.target_mb * 1e6)
     # 0.75 bytes per quantized parameter after LZMA: measured on proxy runs of the default hybrid and of
     # pure attention (0.754 and 0.733); trained weights vary, so this is a guide, not a promise
-    expected = int(0.75 * (int6 + int8) + 4 * flt + len(Path(__file__).read_bytes()))
+    expected = int(0.75 * (int6 + int8) + 4 * flt + code_bytes)
     log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "
         f"(cap {cap:,})")
     if expected > cap:
@@ -1203,7 +1203,7 @@ def write_artifact(quantized, hp, ctx, code_bytes, log):
         Path(path).write_bytes(blob)
     if ctx.distributed:
         dist.barrier()
-    total = len(Path(path).read_bytes()) + code_bytes
+    total = len(blob) + code_bytes
     log(f"artifact: {path} model_bytes:{total - code_bytes} code_bytes:{code_bytes} total:{total} (cap {cap}) "
         f"in {time.time() - t0:.1f}s")
     return path, total
@@ -1238,7 +1238,7 @@ def main():
     if hp.dry_run:
         with torch.device("meta"):
             model = HybridGPT(hp)
-        describe(hp, model, print)
+        describe(hp, model, print, len(Path(__file__).read_bytes()))
         return
     ctx = Context()
     try:
@@ -1287,7 +1287,7 @@ def main():
     configure_kernels(hp, ctx.device, log)
 
     base_model = HybridGPT(hp).to(ctx.device)
-    report = describe(hp, base_model, log)
+    report = describe(hp, base_model, log, code_bytes)
     model = base_model
     if hp.compile and ctx.device.type == "cuda":
         model = torch.compile(base_model, dynamic=False)
