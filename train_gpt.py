@@ -54,8 +54,7 @@ class Hyperparameters:
         self.run_id = self._str("RUN_ID", time.strftime("run_%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
         self.seed = self._int("SEED", 1337, 0, 2**31 - 1)
         self.compile = self._flag("COMPILE", 1)
-        # opt-in until the GPU parity tests (tests/test_gpu.py) are recorded passing on the device
-        self.fast_kernels = self._flag("FAST_KERNELS", 0)            # 1: mamba_ssm's SSD on CUDA
+        self.fast_kernels = self._flag("FAST_KERNELS", 1)  # 0: PyTorch fallbacks even where the GPU libraries import
         self.require_fast_kernels = self._flag("REQUIRE_FAST_KERNELS", 0)  # 1: a missing kernel is an error
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
@@ -305,20 +304,36 @@ def target_bytes(prev_ids, target_ids, luts):
 # GPU path can be dispatched there; the PyTorch versions below run anywhere.
 # ----------------------------------------------------------------------------------------------
 
-def attention_op(q, k, v):
-    """Causal GQA attention. q: (B, L, H, D); k, v: (B, L, Hkv, D) -> (B, L, H, D)."""
+def attention_sdpa(q, k, v):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
-def causal_conv1d(x, weight, bias):
-    """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,).
-    Shift-and-add instead of F.conv1d: the (B, L, C) layout needs no transposes and compiles well."""
+def attention_op(q, k, v):
+    """Causal GQA attention. q: (B, L, H, D); k, v: (B, L, Hkv, D) -> (B, L, H, D)."""
+    if KERNELS["attention"] is not None and q.is_cuda:
+        y = KERNELS["attention"](q, k, v, causal=True)
+        return y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
+    return attention_sdpa(q, k, v)
+
+
+def causal_conv1d_torch(x, weight, bias):
     K, L = weight.size(1), x.size(1)
     xp = F.pad(x, (0, 0, K - 1, 0))
     out = bias.to(x.dtype) + sum(xp[:, j:j + L] * weight[:, j].to(x.dtype) for j in range(K))
     return F.silu(out)
+
+
+def causal_conv1d(x, weight, bias):
+    """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,).
+    The fallback is shift-and-add, not F.conv1d: the (B, L, C) layout needs no transposes and compiles
+    into one fused kernel."""
+    if KERNELS["causal_conv1d"] is not None and x.is_cuda:
+        # the CUDA kernel takes (B, C, L) and wants stride 1 along C: a transposed view of (B, L, C) is that
+        return KERNELS["causal_conv1d"](x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
+                                        activation="silu").transpose(1, 2)
+    return causal_conv1d_torch(x, weight, bias)
 
 
 def segment_sums(a):
@@ -330,51 +345,118 @@ def segment_sums(a):
     return diff.masked_fill(~causal, float("-inf"))
 
 
-KERNELS = {"ssd_scan": None}  # filled by configure_kernels(); None means the PyTorch path
+# Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path.
+# ssd_fwd / ssd_bwd are mamba_ssm's Triton forward and backward, behind the custom op below.
+KERNELS = {"ssd_fwd": None, "ssd_bwd": None, "causal_conv1d": None, "attention": None}
 
 
-def load_mamba_ssd():
-    """mamba_ssm's Triton SSD function, or the reason it is unavailable. Imported without running
-    mamba_ssm/__init__.py, which needs the Mamba-1 CUDA extension that the SSD path never uses."""
+def import_without_package_init(package, module):
+    """Import package.module without running package/__init__.py: mamba_ssm 2.3's __init__ needs its
+    Mamba-1 CUDA extension, which the SSD path never uses (pip's MAMBA_SKIP_CUDA_BUILD leaves it out)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ImportError(f"{package} is not installed")
+    if package not in sys.modules:
+        stub = types.ModuleType(package)
+        stub.__path__ = list(spec.submodule_search_locations)
+        sys.modules[package] = stub
+    return importlib.import_module(f"{package}.{module}")
+
+
+def load_fast_kernels():
+    """{call site: (implementation, name) or (None, why not)} for the GPU libraries that import here."""
+    found = {}
     try:
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None:
-            return None, "mamba_ssm is not installed"
-        if "mamba_ssm" not in sys.modules:
-            package = types.ModuleType("mamba_ssm")
-            package.__path__ = list(spec.submodule_search_locations)
-            sys.modules["mamba_ssm"] = package
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        return mamba_chunk_scan_combined, None
+        ssd = import_without_package_init("mamba_ssm", "ops.triton.ssd_combined")
+        found["ssd"] = ((ssd._mamba_chunk_scan_combined_fwd, ssd._mamba_chunk_scan_combined_bwd), "mamba_ssm-triton")
     except Exception as e:  # a broken install must not stop a run that can fall back
-        return None, f"mamba_ssm SSD import failed: {e!r}"
+        found["ssd"] = (None, f"mamba_ssm SSD: {e!r}")
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        found["causal_conv1d"] = (causal_conv1d_fn, "causal_conv1d-cuda")
+    except Exception as e:
+        found["causal_conv1d"] = (None, f"causal_conv1d: {e!r}")
+    found["attention"] = (None, "neither flash_attn_interface (FA3) nor flash_attn (FA2) imports")
+    for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
+        try:
+            found["attention"] = (importlib.import_module(module).flash_attn_func, name)
+            break
+        except Exception:
+            pass
+    return found
 
 
 def configure_kernels(hp, device, log=print):
-    """Choose each kernel call site's implementation once, at startup, and say which."""
-    KERNELS["ssd_scan"], why = None, "FAST_KERNELS=0" if not hp.fast_kernels else "no CUDA device"
-    if hp.fast_kernels and device.type == "cuda":
-        KERNELS["ssd_scan"], why = load_mamba_ssd()
-    log(f"kernels: ssd_scan={'mamba_ssm-triton' if KERNELS['ssd_scan'] else 'pytorch-chunked'} "
-        "causal_conv1d=pytorch-shift-add attention=torch-sdpa")
-    if device.type == "cuda" and hp.fast_kernels and KERNELS["ssd_scan"] is None:
-        msg = f"the fast SSD kernel is unavailable ({why}); the PyTorch SSD scan is much slower"
+    """Choose each kernel call site's implementation once, at startup, and say which. On CUDA a
+    missing fast kernel is a warning, or an error under REQUIRE_FAST_KERNELS=1."""
+    for key in KERNELS:
+        KERNELS[key] = None
+    use = hp.fast_kernels and device.type == "cuda"
+    found = load_fast_kernels() if use else {}
+    fallback = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "attention": "torch-sdpa"}
+    chosen, missing = {}, []
+    for site, fallback_name in fallback.items():
+        impl, name = found.get(site, (None, None))
+        if impl is None:
+            chosen[site] = fallback_name
+            if use:
+                missing.append(name)
+            continue
+        chosen[site] = name
+        if site == "ssd":
+            KERNELS["ssd_fwd"], KERNELS["ssd_bwd"] = impl
+        else:
+            KERNELS[site] = impl
+    log("kernels: " + " ".join(f"{site}={name}" for site, name in chosen.items())
+        + ("" if use else f" ({'FAST_KERNELS=0' if not hp.fast_kernels else 'no CUDA device'})"))
+    if missing:
+        msg = "fast kernels unavailable, PyTorch fallbacks in use (slower): " + "; ".join(missing)
         if hp.require_fast_kernels:
             raise SystemExit(f"REQUIRE_FAST_KERNELS=1: {msg}")
         log(f"WARNING: {msg}")
 
 
-@torch.compiler.disable  # the library's autograd Function is opaque to the compiler: one clean graph break
-def ssd_scan_fast(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
-    return KERNELS["ssd_scan"](x, dt, A, B, C, chunk_size, initial_states=initial_state,
-                               return_final_states=return_final_state)
+# The Triton SSD as custom ops: torch.compile sees an opaque op with known output shapes instead of
+# tracing into (or breaking the graph at) the library's autograd.Function.
+@torch.library.custom_op("pgolf::ssd_scan", mutates_args=())
+def ssd_scan_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
+    return KERNELS["ssd_fwd"](x, dt, A, B, C, chunk_size)[0].contiguous()
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
+@ssd_scan_kernel.register_fake
+def _(x, dt, A, B, C, chunk_size):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("pgolf::ssd_scan_backward", mutates_args=())
+def ssd_scan_kernel_backward(grad: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, y: Tensor,
+                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = KERNELS["ssd_bwd"](grad.contiguous(), x, dt, A, B, C, y, chunk_size)[:5]
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, dt, A, B, C)))
+
+
+@ssd_scan_kernel_backward.register_fake
+def _(grad, x, dt, A, B, C, y, chunk_size):
+    return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C))
+
+
+def _ssd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], output)
+    ctx.chunk_size = inputs[5]
+
+
+def _ssd_backward(ctx, grad):
+    return (*ssd_scan_kernel_backward(grad, *ctx.saved_tensors, ctx.chunk_size), None)
+
+
+ssd_scan_kernel.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size):
     """Mamba-2's SSD scan: mamba_ssm's Triton kernel on CUDA when configured, else ssd_scan_torch."""
-    if KERNELS["ssd_scan"] is not None and x.is_cuda:
-        return ssd_scan_fast(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
-    return ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
+    if KERNELS["ssd_fwd"] is not None and x.is_cuda:
+        return ssd_scan_kernel(x, dt, A, B, C, chunk_size)
+    return ssd_scan_torch(x, dt, A, B, C, chunk_size)
 
 
 def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
@@ -1119,6 +1201,21 @@ class Context:
         self.is_main = self.rank == 0
 
 
+def check_ranks_in_sync(model, ctx, log):
+    """DDP must leave every rank with the same weights; a silent divergence would make rank 0's export
+    differ from the model the other ranks evaluate. One float64 checksum per rank, compared."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        local = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                             sum(p.double().square().sum() for p in model.parameters())])
+    sums = [torch.zeros_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(sums, local)
+    if any(not torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError("ranks diverged: parameter checksums " + ", ".join(f"{s[0].item():.17g}" for s in sums))
+    log(f"ranks in sync: {ctx.world_size} ranks, parameter checksum {sums[0][0].item():.12g}")
+
+
 def layer_map(model):
     skips = model.skip_map()
     lines = []
@@ -1308,6 +1405,9 @@ def main():
             o.load_state_dict(st)
         loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
         log(f"warmup: {hp.warmup_steps} steps done in {time.time() - t_start:.0f}s since start, state restored")
+    if hp.warmup_steps and hp.compile and ctx.device.type == "cuda":  # compiled during the warm-up
+        breaks = torch._dynamo.utils.counters["graph_break"]
+        log(f"compile: {sum(breaks.values())} graph breaks" + "".join(f"\n  {n}x {r}" for r, n in breaks.items()))
 
     cap = hp.max_wallclock_seconds
     clock = TrainClock()
@@ -1318,6 +1418,7 @@ def main():
         log(f"step:{step}/{hp.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f}")
 
     step, ema = train_loop(model, base_model, opts, loader, hp, ctx, clock, log, validate)
+    check_ranks_in_sync(base_model, ctx, log)
     train_loop_s = clock.elapsed()
     step_ms = 1000 * train_loop_s / max(step, 1)
     log(f"training stopped at step {step} after {train_loop_s:.1f}s ({step_ms:.1f} ms/step)")

@@ -56,7 +56,7 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"MAMBA_HEADDIM": "100"}, "must be a multiple of MAMBA_HEADDIM=100"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be at most TRAIN_SEQ_LEN=2048"),
     ({"EVAL_STRIDE": "0"}, "TTT_ENABLED=1 scores through sliding windows"),
-    ({"REQUIRE_FAST_KERNELS": "1"}, "REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1"),
+    ({"REQUIRE_FAST_KERNELS": "1", "FAST_KERNELS": "0"}, "REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1"),
 ])
 def test_bad_values_rejected_naming_the_variable(env, needle):
     with pytest.raises(tg.ConfigError) as e:

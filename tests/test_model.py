@@ -36,7 +36,7 @@ def test_ssd_matches_sequential_float64(L, chunk, G):
     x, dt, A, B, C = random_ssd_inputs(2, L, 4, 3, G, 5, torch.float64, seed=L)
     init = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     y_ref, s_ref = ssd_sequential(x, dt, A, B, C, init)
-    y, s = tg.ssd_scan(x, dt, A, B, C, chunk, initial_state=init, return_final_state=True)
+    y, s = tg.ssd_scan_torch(x, dt, A, B, C, chunk, initial_state=init, return_final_state=True)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
@@ -153,5 +153,73 @@ def test_forward_loss_is_per_token_cross_entropy():
 def test_kernel_configuration_on_cpu_uses_the_pytorch_paths():
     lines = []
     tg.configure_kernels(make_hp(), torch.device("cpu"), lines.append)
-    assert tg.KERNELS["ssd_scan"] is None
-    assert lines == ["kernels: ssd_scan=pytorch-chunked causal_conv1d=pytorch-shift-add attention=torch-sdpa"]
+    assert all(v is None for v in tg.KERNELS.values())
+    assert lines == ["kernels: ssd=pytorch-chunked causal_conv1d=pytorch-shift-add attention=torch-sdpa (no CUDA device)"]
+
+
+# The GPU libraries cannot load without a GPU, so these stand in for load_fast_kernels() and test only
+# the choice and the messages; tests/test_gpu.py runs the real kernels on the device.
+def fake_found(ssd=True, conv=True, attention=True):
+    def impl(name):
+        return (lambda *a, **k: None), name
+    return lambda: {"ssd": ((lambda: None, lambda: None), "mamba_ssm-triton") if ssd else (None, "mamba_ssm SSD: missing"),
+                    "causal_conv1d": impl("causal_conv1d-cuda") if conv else (None, "causal_conv1d: missing"),
+                    "attention": impl("fa3") if attention else (None, "no flash attention")}
+
+
+def test_kernel_configuration_on_cuda_picks_what_imports(monkeypatch):
+    monkeypatch.setattr(tg, "load_fast_kernels", fake_found())
+    lines = []
+    tg.configure_kernels(make_hp(), torch.device("cuda"), lines.append)
+    try:
+        assert lines == ["kernels: ssd=mamba_ssm-triton causal_conv1d=causal_conv1d-cuda attention=fa3"]
+        assert all(v is not None for v in tg.KERNELS.values())
+    finally:
+        tg.configure_kernels(make_hp(), torch.device("cpu"), lambda m: None)
+
+
+def test_fast_kernels_off_keeps_the_fallbacks_on_cuda(monkeypatch):
+    monkeypatch.setattr(tg, "load_fast_kernels", fake_found())
+    lines = []
+    tg.configure_kernels(make_hp(FAST_KERNELS=0), torch.device("cuda"), lines.append)
+    assert all(v is None for v in tg.KERNELS.values())
+    assert lines[0].endswith("(FAST_KERNELS=0)") and len(lines) == 1
+
+
+def test_missing_kernel_warns_or_stops_under_require(monkeypatch):
+    monkeypatch.setattr(tg, "load_fast_kernels", fake_found(ssd=False, attention=False))
+    lines = []
+    tg.configure_kernels(make_hp(), torch.device("cuda"), lines.append)
+    try:
+        assert lines[0] == "kernels: ssd=pytorch-chunked causal_conv1d=causal_conv1d-cuda attention=torch-sdpa"
+        assert lines[1].startswith("WARNING: fast kernels unavailable") and "mamba_ssm SSD: missing" in lines[1]
+        assert "no flash attention" in lines[1]
+        with pytest.raises(SystemExit, match="REQUIRE_FAST_KERNELS=1: .*mamba_ssm SSD: missing"):
+            tg.configure_kernels(make_hp(REQUIRE_FAST_KERNELS=1), torch.device("cuda"), lines.append)
+    finally:
+        tg.configure_kernels(make_hp(), torch.device("cpu"), lambda m: None)
+
+
+def test_ssd_custom_op_wiring(monkeypatch):
+    """The custom op's schema, fake (meta) outputs and autograd registration, checked by torch's opcheck.
+    The Triton kernels cannot run on CPU, so the float64 PyTorch scan stands in for them here, with the
+    same (forward, backward) call signatures; tests/test_gpu.py checks the real kernels on the device."""
+    def fwd(x, dt, A, B, C, chunk):
+        return (tg.ssd_scan_torch(x, dt, A, B, C, chunk),)
+
+    def bwd(grad, x, dt, A, B, C, y, chunk):
+        # torch.func, not autograd: a custom op's body runs below the autograd dispatch key
+        _, vjp = torch.func.vjp(lambda *t: tg.ssd_scan_torch(*t, chunk), x, dt, A, B, C)
+        return vjp(grad)
+
+    monkeypatch.setitem(tg.KERNELS, "ssd_fwd", fwd)
+    monkeypatch.setitem(tg.KERNELS, "ssd_bwd", bwd)
+    inputs = [t.requires_grad_() for t in random_ssd_inputs(1, 24, 2, 3, 1, 4, torch.float64, seed=7)]
+    torch.library.opcheck(tg.ssd_scan_kernel, (*inputs, 8))
+    tg.ssd_scan_kernel(*inputs, 8).square().sum().backward()
+    via_op = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    ssd_sequential(*inputs)[0].square().sum().backward()
+    for a, b in zip(via_op, inputs):
+        torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-9)

@@ -1,45 +1,117 @@
 #!/usr/bin/env python3
-"""Time one training step (forward + backward) of a configuration on the GPU, with the fast SSD kernel
-and with the PyTorch fallback, eager and compiled. Configure with train_gpt.py's env vars.
-usage: python3 tools/bench_step.py [--batch-seqs 64] [--iters 10] [--compile]"""
-import argparse, sys, time
+"""GPU timings (CUDA events, medians) for the issue tracker's questions, configured by train_gpt.py's
+env vars:
+  step: one training step (fwd+bwd) of the configured model, fast kernels vs PyTorch fallbacks,
+        eager or compiled, with the compiled graph-break count;
+  ssd:  the SSD scan alone, fwd+bwd, at 48 x 2048 tokens (kernel vs fallback);
+  attn: causal GQA attention alone, fwd+bwd, per SDPA backend and the flash-attention library.
+usage: python3 tools/bench_step.py [--what step,ssd,attn] [--batch-seqs 64] [--iters 10] [--compile]"""
+import argparse, os, statistics, sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
+
+def timed(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fwd_bwd(fn, inputs):
+    def run():
+        y = fn(*inputs)
+        torch.autograd.grad(y, inputs, torch.ones_like(y))
+    return run
+
+
+def bench_step(hp, a):
+    torch.manual_seed(0)
+    model = tg.HybridGPT(hp).cuda()
+    ids = torch.randint(0, hp.vocab_size, (a.batch_seqs, hp.train_seq_len + 1), device="cuda")
+    for fast in (1, 0):
+        tg.configure_kernels(tg.Hyperparameters(dict(os.environ, FAST_KERNELS=str(fast))),
+                             torch.device("cuda"), print)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = torch.compile(model, dynamic=False) if a.compile else model
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = run(ids[:, :-1], ids[:, 1:]).mean()
+            loss.backward()
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(step, a.iters)
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        print(f"step fast_kernels={fast} {'compiled' if a.compile else 'eager'}: {ms:.1f} ms/step fwd+bwd, "
+              f"{a.batch_seqs * hp.train_seq_len / ms * 1000:,.0f} tok/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+              + (f", {breaks} graph breaks" if a.compile else ""))
+
+
+def bench_ssd(a):
+    found = tg.load_fast_kernels()["ssd"]
+    tg.KERNELS["ssd_fwd"], tg.KERNELS["ssd_bwd"] = found[0] or (None, None)
+    for H, P, N, chunk in ((16, 64, 128, 128), (16, 64, 128, 256), (12, 64, 64, 128), (12, 64, 64, 256), (12, 64, 32, 128)):
+        g = torch.Generator("cuda").manual_seed(0)
+        b, L = 48, 2048
+        x = torch.randn(b, L, H, P, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+        dt = F.softplus(torch.randn(b, L, H, device="cuda", generator=g) - 2).requires_grad_()
+        A = (-torch.rand(H, device="cuda", generator=g) * 4).requires_grad_()
+        B, C = (torch.randn(b, L, 1, N, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(2))
+        inputs = (x, dt, A, B, C)
+        line = f"ssd 48x2048 H={H} P={P} N={N} chunk={chunk}:"
+        if found[0] is not None:
+            line += f" kernel fwd {timed(lambda: tg.ssd_scan_kernel(*inputs, chunk), a.iters):.2f} ms"
+            line += f" fwd+bwd {timed(fwd_bwd(lambda *t: tg.ssd_scan_kernel(*t, chunk), inputs), a.iters):.2f} ms;"
+        torch_scan = torch.compile(tg.ssd_scan_torch, dynamic=False)
+        line += f" compiled pytorch fwd+bwd {timed(fwd_bwd(lambda *t: torch_scan(*t, chunk), inputs), a.iters):.2f} ms"
+        print(line)
+
+
+def bench_attention(a):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(48, 2048, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(48, 2048, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    print("attention default sdpa choice:", torch._fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                                    is_causal=True, enable_gqa=True))
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                print(f"attention 48x2048 GQA 8/4x64 sdpa {name}: fwd+bwd {timed(fwd_bwd(tg.attention_sdpa, (q, k, v)), a.iters):.2f} ms")
+        except RuntimeError as e:
+            print(f"attention sdpa {name}: unavailable ({str(e).splitlines()[0][:120]})")
+    with torch.enable_grad():
+        print(f"attention sdpa default: fwd+bwd {timed(fwd_bwd(tg.attention_sdpa, (q, k, v)), a.iters):.2f} ms")
+    impl, name = tg.load_fast_kernels()["attention"]
+    if impl is not None:
+        tg.KERNELS["attention"] = impl
+        print(f"attention {name}: fwd+bwd {timed(fwd_bwd(tg.attention_op, (q, k, v)), a.iters):.2f} ms")
+    else:
+        print(f"attention library: {name}")
+
+
 ap = argparse.ArgumentParser()
+ap.add_argument("--what", default="step,ssd,attn")
 ap.add_argument("--batch-seqs", type=int, default=64)
 ap.add_argument("--iters", type=int, default=10)
 ap.add_argument("--compile", action="store_true")
 a = ap.parse_args()
-hp = tg.Hyperparameters()
-torch.manual_seed(0)
-model = tg.HybridGPT(hp).cuda()
-ids = torch.randint(0, hp.vocab_size, (a.batch_seqs, hp.train_seq_len + 1), device="cuda")
-fast, why = tg.load_mamba_ssd()
-for kernel, label in ((fast, "mamba_ssm-triton"), (None, "pytorch-chunked")):
-    if label == "mamba_ssm-triton" and fast is None:
-        print(f"skip {label}: {why}")
-        continue
-    tg.KERNELS["ssd_scan"] = kernel
-    run = torch.compile(model) if a.compile else model
-    torch._dynamo.reset()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = run(ids[:, :-1], ids[:, 1:]).mean()
-        loss.backward()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t = time.time()
-    for _ in range(a.iters):
-        step()
-    torch.cuda.synchronize()
-    ms = 1000 * (time.time() - t) / a.iters
-    print(f"{label} {'compiled' if a.compile else 'eager'}: {ms:.1f} ms/step fwd+bwd, "
-          f"{a.batch_seqs * hp.train_seq_len / ms * 1000:,.0f} tok/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    torch.cuda.reset_peak_memory_stats()
+what = a.what.split(",")
+if "attn" in what:
+    bench_attention(a)
+if "ssd" in what:
+    bench_ssd(a)
+if "step" in what:
+    bench_step(tg.Hyperparameters(), a)
