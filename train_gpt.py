@@ -9,7 +9,7 @@ GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
 """
 from __future__ import annotations
 
-import contextlib, copy, glob, hashlib, importlib.util, json, lzma, math, os, random, sys, tempfile, time, types, uuid
+import contextlib, copy, glob, hashlib, importlib.util, json, lzma, math, os, random, sys, tempfile, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -353,13 +353,11 @@ KERNELS = {"ssd_fwd": None, "ssd_bwd": None, "causal_conv1d": None, "attention":
 def import_without_package_init(package, module):
     """Import package.module without running package/__init__.py: mamba_ssm 2.3's __init__ needs its
     Mamba-1 CUDA extension, which the SSD path never uses (pip's MAMBA_SKIP_CUDA_BUILD leaves it out)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise ImportError(f"{package} is not installed")
     if package not in sys.modules:
-        stub = types.ModuleType(package)
-        stub.__path__ = list(spec.submodule_search_locations)
-        sys.modules[package] = stub
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise ImportError(f"{package} is not installed")
+        sys.modules[package] = importlib.util.module_from_spec(spec)  # the package object, its code not run
     return importlib.import_module(f"{package}.{module}")
 
 

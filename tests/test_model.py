@@ -223,3 +223,19 @@ def test_ssd_custom_op_wiring(monkeypatch):
     ssd_sequential(*inputs)[0].square().sum().backward()
     for a, b in zip(via_op, inputs):
         torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-9)
+
+def test_import_without_package_init_skips_init_and_repeats(tmp_path, monkeypatch):
+    """mamba_ssm's __init__ needs a CUDA extension the SSD path never uses: its submodules must import
+    without it, and a second import (another configure_kernels call) must work too."""
+    pkg = tmp_path / "initfails"
+    (pkg / "ops").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('package __init__ ran')\n")
+    (pkg / "ops" / "__init__.py").write_text("")
+    (pkg / "ops" / "kernel.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in list(__import__("sys").modules) if m.startswith("initfails")]:
+        monkeypatch.delitem(__import__("sys").modules, name)
+    assert tg.import_without_package_init("initfails", "ops.kernel").VALUE == 42
+    assert tg.import_without_package_init("initfails", "ops.kernel").VALUE == 42
+    with pytest.raises(ImportError, match="not installed"):
+        tg.import_without_package_init("no_such_package_here", "x")
