@@ -4,7 +4,8 @@ env vars:
   step: one training step (fwd+bwd) of the configured model, fast kernels vs PyTorch fallbacks,
         eager or compiled, with the compiled graph-break count;
   ssd:  the SSD scan alone, fwd+bwd, at 48 x 2048 tokens (kernel vs fallback);
-  attn: causal GQA attention alone, fwd+bwd, per SDPA backend and the flash-attention library.
+  attn: causal GQA attention alone, fwd+bwd, per SDPA backend and the flash-attention library;
+  layer: one Mamba-2 block and one attention block, compiled, fwd+bwd, with the profiler's top kernels.
 usage: python3 tools/bench_step.py [--what step,ssd,attn] [--batch-seqs 64] [--iters 10] [--compile]"""
 import argparse, os, statistics, sys
 from pathlib import Path
@@ -101,6 +102,32 @@ def bench_attention(a):
         print(f"attention library: {name}")
 
 
+def bench_layers(hp, a):
+    from torch.profiler import ProfilerActivity, profile
+    tg.configure_kernels(hp, torch.device("cuda"), print)
+    x = torch.randn(a.batch_seqs, hp.train_seq_len, hp.model_dim, device="cuda", requires_grad=True)
+    for is_mamba in (True, False):
+        torch.manual_seed(0)
+        block = tg.Block(hp, is_mamba).cuda()
+        for p in block.parameters():  # non-zero output projections, so the backward does its full work
+            torch.nn.init.normal_(p, std=0.02) if p.ndim == 2 else None
+        run = torch.compile(block, dynamic=False)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = run(x, x)
+            y.float().square().mean().backward()
+        ms = timed(step, a.iters)
+        name = "mamba2" if is_mamba else "attention+mlp"
+        params = sum(p.numel() for p in block.parameters())
+        print(f"layer {name}: {ms:.2f} ms fwd+bwd at {a.batch_seqs}x{hp.train_seq_len}, {params:,} params")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--what", default="step,ssd,attn")
 ap.add_argument("--batch-seqs", type=int, default=64)
@@ -112,5 +139,7 @@ if "attn" in what:
     bench_attention(a)
 if "ssd" in what:
     bench_ssd(a)
+if "layer" in what:
+    bench_layers(tg.Hyperparameters(), a)
 if "step" in what:
     bench_step(tg.Hyperparameters(), a)
