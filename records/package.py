@@ -30,6 +30,7 @@ PER_RUN_KEYS = {"SEED", "RUN_ID", "DATA_PATH", "TOKENIZER_PATH"}  # may differ b
 SUMMARY_KEYS = ("val_bpb", "val_loss", "artifact_bytes", "code_bytes", "code_sha256", "steps", "train_seconds",
                 "eval_seconds", "world_size", "config")
 PLOT = "training_curves.png"
+INSTALL = "install_gpu.sh"  # tools/install_gpu.sh, copied beside train_gpt.py
 
 # ----------------------------------------------------------------------------------------------
 # Student's t distribution (no scipy): CDF through the regularized incomplete beta function
@@ -314,7 +315,8 @@ def write_readme(args, runs, sig, metric, env, consts, folder_files):
           + "; the full resolved configuration is below.", ""]
     L += (["    export " + " ".join(env)] if env else []) + [
         f"    SEED={r.seed} RUN_ID={shlex.quote(str(r.config.get('RUN_ID')))} {launcher(ws)}" for r in runs]
-    L += ["", "## Setup", "", "    pip install -r requirements.txt"]
+    L += ["", "## Setup", "", "    pip install -r requirements.txt",
+          "    bash install_gpu.sh   # the optional GPU kernels: mamba-ssm's Triton SSD, causal-conv1d, FA3"]
     if cfg.get("SMOKE"):
         L += ["", "SMOKE=1 builds its own tiny corpus and tokenizer; no data download."]
     else:
@@ -413,7 +415,7 @@ def main(argv=None):
     defaults, smoke_defaults, consts = script_defaults(args.train_script.read_text())
     env = launch_env(runs[0].summary["config"], runs[0].summary["world_size"], defaults, smoke_defaults)
     logs = [f"train_seed{r.seed}.log" for r in runs]
-    files = ["README.md", "submission.json", *logs, "train_gpt.py", "requirements.txt", PLOT]
+    files = ["README.md", "submission.json", *logs, "train_gpt.py", "requirements.txt", INSTALL, PLOT]
 
     # Build in a scratch folder and move it into place at the end: a failure midway leaves nothing behind.
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,6 +425,7 @@ def main(argv=None):
             shutil.copyfile(r.path, stage / name)
         shutil.copyfile(args.train_script, stage / "train_gpt.py")
         shutil.copyfile(args.requirements, stage / "requirements.txt")
+        shutil.copyfile(Path(__file__).resolve().parents[1] / "tools" / INSTALL, stage / INSTALL)
         plot_runs(runs, stage / PLOT, title=args.name)
         (stage / "submission.json").write_text(json.dumps(submission(args, runs, sig, metric), indent=2) + "\n")
         (stage / "README.md").write_text(write_readme(args, runs, sig, metric, env, consts, files))

@@ -124,10 +124,11 @@ def test_valid_package(tmp_path, capsys):
     assert package(tmp_path, paths) == 0
     folder = tmp_path / "out" / "track_10min_16mb" / "2026-05-01_Smoke_hybrid"
     files = {"README.md", "submission.json", "train_seed1.log", "train_seed2.log", "train_seed3.log",
-             "train_gpt.py", "requirements.txt", pk.PLOT}
+             "train_gpt.py", "requirements.txt", pk.INSTALL, pk.PLOT}
     assert {p.name for p in folder.iterdir()} == files
     assert (folder / "train_gpt.py").read_bytes() == SCRIPT.read_bytes()
     assert (folder / "requirements.txt").read_bytes() == (ROOT / "requirements.txt").read_bytes()
+    assert (folder / pk.INSTALL).read_bytes() == (ROOT / "tools" / "install_gpu.sh").read_bytes()
     for i, p in enumerate(paths, 1):
         assert (folder / f"train_seed{i}.log").read_bytes() == p.read_bytes()
     png = (folder / pk.PLOT).read_bytes()
