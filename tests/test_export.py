@@ -161,8 +161,9 @@ def test_gptq_beats_round_to_nearest_on_a_real_layer(calibrated, name):
     W, H = model.state_dict()[name].float(), hessians[name]
     assert float(H.trace()) > 0
     W0, H0 = W.clone(), H.clone()
-    qg, sg = tg.quantize_gptq(W, H, tg.INT6_MAX)
+    qg, sg = tg.quantize_gptq(W, H, tg.INT6_MAX, clip=False)
     qr, sr = tg.quantize_rtn(W, tg.INT6_MAX)
+    tg.quantize_gptq(W, H, tg.INT6_MAX, clip=True)
     assert torch.equal(W, W0) and torch.equal(H, H0), "quantize_gptq must not modify its inputs"
     assert torch.equal(sg, sr), "same int6 grid for both"
     assert qg.dtype == torch.int8 and qg.shape == W.shape and int(qg.abs().max()) <= tg.INT6_MAX
@@ -174,7 +175,7 @@ def test_gptq_beats_round_to_nearest_on_a_real_layer(calibrated, name):
 def test_gptq_with_isotropic_hessian_is_round_to_nearest(calibrated):
     model, _, _, _ = calibrated
     W = model.state_dict()["blocks.1.mlp.fc.weight"].float()
-    qg, sg = tg.quantize_gptq(W, 3.0 * torch.eye(W.size(1)))
+    qg, sg = tg.quantize_gptq(W, 3.0 * torch.eye(W.size(1)), clip=False)
     qr, sr = tg.quantize_rtn(W, tg.INT6_MAX)
     assert torch.equal(qg, qr) and torch.equal(sg, sr)
 
@@ -183,13 +184,13 @@ def test_gptq_block_size_and_column_order_do_not_matter(calibrated):
     model, _, hessians, _ = calibrated
     name = "blocks.0.mixer.in_proj.weight"
     W, H = model.state_dict()[name].float(), hessians[name]
-    q, s = tg.quantize_gptq(W, H)
-    q8, s8 = tg.quantize_gptq(W, H, block=8)  # lazy block updates are exact, up to float rounding
+    q, s = tg.quantize_gptq(W, H, clip=False)
+    q8, s8 = tg.quantize_gptq(W, H, block=8, clip=False)  # lazy block updates are exact, up to float rounding
     assert torch.equal(s8, s)
     assert (q8 != q).float().mean() <= 1e-3
     # GPTQ orders columns by the Hessian diagonal itself, so permuting the inputs permutes the result
     perm = torch.randperm(W.size(1), generator=torch.Generator().manual_seed(0))
-    qp, sp = tg.quantize_gptq(W[:, perm], H[perm][:, perm])
+    qp, sp = tg.quantize_gptq(W[:, perm], H[perm][:, perm], clip=False)
     assert torch.equal(qp, q[:, perm]) and torch.equal(sp, s)
 
 
@@ -200,7 +201,7 @@ def test_gptq_handles_dead_input_columns(calibrated):
     dead = [3, 17, 40]
     H[dead, :] = 0.0
     H[:, dead] = 0.0  # those inputs were always zero
-    q, s = tg.quantize_gptq(W, H)
+    q, s = tg.quantize_gptq(W, H, clip=False)
     assert bool(torch.isfinite(s).all()) and bool((s > 0).all())
     assert int(q.abs().max()) <= tg.INT6_MAX
     assert bool((q[:, dead] == 0).all()), "a dead column carries nothing: store zeros (compress best)"
@@ -210,6 +211,43 @@ def test_gptq_handles_dead_input_columns(calibrated):
     e_gptq = hessian_error(W, q.float() * s[:, None], H)
     qr, sr = tg.quantize_rtn(W, tg.INT6_MAX)
     assert math.isfinite(e_gptq) and e_gptq < hessian_error(W, qr.float() * sr[:, None], H)
+
+
+def rtn_on(W, scale, qmax):
+    return torch.clamp(torch.round(W / scale[:, None]), -qmax, qmax) * scale[:, None]
+
+
+@pytest.mark.parametrize("qmax", [tg.QMAX["int6"], tg.QMAX["int5"], tg.QMAX["int4"]])
+def test_clip_scales_never_worse_per_row_and_within_range(calibrated, qmax):
+    model, _, hessians, _ = calibrated
+    for name in ("blocks.1.mlp.fc.weight", "blocks.0.mixer.in_proj.weight"):
+        W, H = model.state_dict()[name].float(), hessians[name]
+        full, clipped = tg.row_scales(W, qmax), tg.clip_scales(W, H, qmax)
+        assert torch.equal(clipped, clipped.half().float()), "scales are stored as fp16"
+        assert bool((clipped <= full).all()) and bool((clipped >= 0.69 * full - 1e-6).all())
+
+        def row_err(scale):
+            E = W - rtn_on(W, scale, qmax)
+            return ((E @ H) * E).sum(dim=1)
+        assert bool((row_err(clipped) <= row_err(full) * (1 + 1e-6)).all()), name
+    if qmax == tg.QMAX["int4"]:  # at 4 bits some rows must gain from clipping, or the search is inert
+        assert bool((clipped < full).any())
+
+
+@pytest.mark.parametrize("kind", ["int6", "int5", "int4"])
+def test_gptq_clip_keeps_the_better_of_full_range_and_clipped(calibrated, kind):
+    model, _, hessians, _ = calibrated
+    qmax, total = tg.QMAX[kind], {True: 0.0, False: 0.0}
+    for name in ("blocks.1.mlp.fc.weight", "blocks.0.mixer.in_proj.weight", "blocks.0.mixer.out_proj.weight"):
+        W, H = model.state_dict()[name].float(), hessians[name]
+        for clip in (True, False):
+            q, s = tg.quantize_gptq(W, H, qmax, clip=clip)
+            assert int(q.abs().max()) <= qmax
+            total[clip] += hessian_error(W, q.float() * s[:, None], H)
+        assert hessian_error(W, rtn_on(W, s, qmax), H) > 0
+    assert total[True] <= total[False] * (1 + 1e-9), total
+    if kind == "int4":
+        assert total[True] < 0.98 * total[False], total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +289,7 @@ def test_quantize_model_payloads(calibrated, quantized):
         if kind == "float":
             assert s is None and q.dtype == torch.float32 and torch.equal(q, state[name]), name
             continue
-        qmax = tg.INT6_MAX if kind == "int6" else tg.INT8_MAX
+        qmax = tg.QMAX[kind]
         assert q.dtype == torch.int8 and q.shape == state[name].shape and int(q.abs().max()) <= qmax, name
         assert s.shape == (q.size(0),) and torch.equal(s, s.half().float()), name
         if kind == "int6":  # every int6 matrix had a Hessian: GPTQ, exactly
@@ -374,6 +412,68 @@ def test_prune_to_fit_meets_the_limit_by_zeroing_plus_minus_one(quantized, blob)
     # the pruned +-1 weights are those in the rows of smallest scale
     pruned_costs, kept_costs = torch.cat(pruned_costs), torch.cat(kept_costs)
     assert kept_costs.numel() == 0 or float(pruned_costs.max()) <= float(kept_costs.min())
+
+
+class StateOnly:
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+def total_hessian_error(state, blob, hessians):
+    after = tg.deserialize(blob)
+    return sum(hessian_error(state[n].float(), after[n], H) for n, H in hessians.items())
+
+
+def test_fit_to_cap_under_the_cap_changes_nothing(calibrated, quantized, blob):
+    model, _, hessians, _ = calibrated
+    logs = []
+    assert tg.fit_to_cap(quantized, model, hessians, len(blob), log=logs.append) == blob
+    assert logs == []
+
+
+def test_fit_to_cap_lowers_bit_widths_and_beats_pruning(calibrated, quantized, blob):
+    """Over the cap, whole matrices go to int5/int4 rather than pruning; measured here (and on a trained
+    model) to cost far less Hessian-weighted error than pruning +-1 weights to the same limit."""
+    model, _, hessians, _ = calibrated
+    all_pruned = {n: (k, q.masked_fill(q.abs() == 1, 0) if k == "int6" else q, s) for n, (k, q, s) in quantized.items()}
+    limit = (len(tg.serialize(all_pruned)) + len(blob)) // 2  # reachable by pruning too
+    logs = []
+    fitted = tg.fit_to_cap(quantized, model, hessians, limit, log=logs.append)
+    assert len(fitted) <= limit
+    assert logs[0].startswith(f"export: {len(blob):,} model bytes > {limit:,}: lowering bit widths")
+    assert "lowered" in logs[1] and not any("pruning" in m for m in logs)
+    lowered = dict(pair.split("=") for pair in logs[1].rsplit(" model bytes: ", 1)[1].split(", "))
+    assert lowered and set(lowered.values()) <= {"int5", "int4"}
+    raw = lzma.decompress(fitted)
+    entries = json.loads(raw[4:4 + int.from_bytes(raw[:4], "little")])
+    kinds = {e["name"]: e["kind"] for e in entries}
+    assert {n for n, k in kinds.items() if k in ("int5", "int4")} == set(lowered)
+    after = tg.deserialize(fitted)
+    for name, kind in lowered.items():  # each row holds at most 2 * qmax + 1 distinct levels of its width
+        assert max(len(torch.unique(row)) for row in after[name]) <= 2 * tg.QMAX[kind] + 1, name
+    pruned = tg.prune_to_fit(quantized, limit, log=lambda m: None)
+    state = model.state_dict()
+    e_bits, e_prune = total_hessian_error(state, fitted, hessians), total_hessian_error(state, pruned, hessians)
+    assert e_bits < e_prune, (e_bits, e_prune)
+
+
+def test_fit_to_cap_respects_min_bits_then_prunes(calibrated, quantized, blob):
+    model, _, hessians, _ = calibrated
+    all_pruned = {n: (k, q.masked_fill(q.abs() == 1, 0) if k == "int6" else q, s) for n, (k, q, s) in quantized.items()}
+    limit = (len(tg.serialize(all_pruned)) + len(blob)) // 2
+    logs = []
+    fitted = tg.fit_to_cap(quantized, model, hessians, limit, min_bits=6, log=logs.append)
+    assert len(fitted) <= limit
+    assert "lowered 0 matrices" in logs[1] and "pruning" in logs[2]
+
+
+def test_fit_to_cap_impossible_fails_loudly(calibrated, quantized):
+    model, _, hessians, _ = calibrated
+    with pytest.raises(SystemExit, match=r"even with every \+-1 weight pruned"):
+        tg.fit_to_cap(quantized, model, hessians, 1000, log=lambda m: None)
 
 
 def test_prune_to_fit_impossible_limit_fails_loudly(quantized):

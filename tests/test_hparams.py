@@ -57,6 +57,9 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be at most TRAIN_SEQ_LEN=2048"),
     ({"EVAL_STRIDE": "0"}, "TTT_ENABLED=1 scores through sliding windows"),
     ({"REQUIRE_FAST_KERNELS": "1", "FAST_KERNELS": "0"}, "REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1"),
+    ({"QUANT_MIN_BITS": "3"}, "QUANT_MIN_BITS=3: expected an integer in [4, 6]"),
+    ({"QUANT_MIN_BITS": "8"}, "QUANT_MIN_BITS=8: expected an integer in [4, 6]"),
+    ({"GPTQ_CLIP_SEARCH": "yes"}, "GPTQ_CLIP_SEARCH='yes': expected 0 or 1"),
 ])
 def test_bad_values_rejected_naming_the_variable(env, needle):
     with pytest.raises(tg.ConfigError) as e:
