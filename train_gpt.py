@@ -1021,7 +1021,13 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True):
     return out
 
 
-def serialize(quantized, preset=9):
+# lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost;
+# measured 0.29% smaller than preset 9's defaults on a trained model (zlib: +4.8%, bz2: +6.0%), and within
+# 0.3% of the values' order-0 entropy
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
+
+
+def serialize(quantized):
     """The artifact: LZMA( uint32 header length | JSON header | raw tensor bytes )."""
     entries, blobs = [], []
     for name, (kind, q, s) in quantized.items():
@@ -1035,7 +1041,7 @@ def serialize(quantized, preset=9):
         blobs += parts
     header = json.dumps(entries).encode()
     raw = len(header).to_bytes(4, "little") + header + b"".join(blobs)
-    return lzma.compress(raw, preset=preset)
+    return lzma.compress(raw, format=lzma.FORMAT_XZ, filters=LZMA_FILTERS)
 
 
 def deserialize(blob):

@@ -359,6 +359,12 @@ def test_serialize_deserialize_roundtrip(calibrated, quantized, blob, monkeypatc
     assert torch.isfinite(l_q) and abs(float(l_q - l_ref)) < 0.1 * float(l_ref)
 
 
+def test_lzma_settings_beat_the_default_preset(blob):
+    """LZMA_FILTERS (no literal-context bits) against plain preset 9 on the same quantized model."""
+    raw = lzma.decompress(blob)
+    assert len(blob) < len(lzma.compress(raw, preset=9))
+
+
 def test_serialize_is_deterministic(quantized, blob):
     assert tg.serialize(quantized) == blob
 
