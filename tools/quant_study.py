@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Measure the export's choices on a trained model, on CPU, in a few minutes: trains a small hybrid on
+SMOKE's self-made corpus with train_gpt.py's own loop, collects GPTQ Hessians from training batches, then
+reports (1) Hessian-weighted error of GPTQ with full-range vs clipped scales at int6/int5/int4,
+(2) fitting under a tighter cap by lowering bit widths vs by pruning +-1 weights, and (3) compressors.
+usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
+import argparse, bz2, lzma, sys, tempfile, types, zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--seconds", type=float, default=100)
+ap.add_argument("--threads", type=int, default=2)
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+hp = tg.Hyperparameters({"SMOKE": "1", "MAX_WALLCLOCK_SECONDS": str(a.seconds), "MODEL_DIM": "128",
+                         "NUM_LAYERS": "4", "MAMBA_HEADDIM": "32", "MLP_MULT": "3", "ITERATIONS": "400",
+                         "WARMDOWN_ITERS": "150", "TRAIN_LOG_EVERY": "100"})
+root = Path(tempfile.mkdtemp(prefix="quant_study_"))
+tg.make_smoke_corpus(root)
+hp.data_path, hp.tokenizer_path = str(root), str(root / "smoke.model")
+ctx = types.SimpleNamespace(device=torch.device("cpu"), distributed=False, rank=0, world_size=1, is_main=True)
+torch.manual_seed(0)
+model = tg.HybridGPT(hp)
+loader = tg.DistributedTokenLoader(tg.shard_files(hp.data_path, "train"), 0, 1, ctx.device)
+steps, ema = tg.train_loop(model, model, tg.build_optimizers(model, hp), loader, hp, ctx, tg.TrainClock(), log=print)
+if ema is not None:
+    ema.copy_to(model)
+state = model.state_dict()
+names = [n for n, p in state.items() if tg.quant_kind(n, p) == "int6"]
+hessians = tg.collect_hessians(model, [loader.next_batch(hp.train_seq_len * 16, hp.train_seq_len) for _ in range(4)],
+                               ctx, names)
+
+
+def weighted_error(W, Wq, H):
+    E = W - Wq
+    return float(((E @ H) * E).sum())
+
+
+print(f"\n1. GPTQ Hessian-weighted error, summed over {len(names)} matrices ({steps} training steps)")
+for kind in ("int6", "int5", "int4"):
+    errs = {}
+    for clip in (False, True):
+        errs[clip] = sum(weighted_error(state[n].float(), q.float() * s[:, None], hessians[n])
+                         for n in names for q, s in [tg.quantize_gptq(state[n].float(), hessians[n], tg.QMAX[kind], clip=clip)])
+    print(f"  {kind}: full-range {errs[False]:.1f}  with clip search {errs[True]:.1f} ({errs[True] / errs[False] - 1:+.1%})")
+
+quantized = tg.quantize_model(model, hessians, log=print)
+blob = tg.serialize(quantized)
+floor = len(tg.serialize({n: (k, q.masked_fill(q.abs() == 1, 0) if k == "int6" else q, s)
+                          for n, (k, q, s) in quantized.items()}))
+print(f"\n2. fitting a tighter cap: {len(blob):,} model bytes; pruning every +-1 gives {floor:,}")
+print(f"  {'limit':>9} | {'lower bit widths':>28} | {'prune +-1':>24}")
+
+
+def total_error(b):
+    after = tg.deserialize(b)
+    return sum(weighted_error(state[n].float(), after[n], hessians[n]) for n in names)
+
+
+base = total_error(blob)
+for frac in (0.25, 0.5, 0.95):
+    limit = int(len(blob) - frac * (len(blob) - floor))
+    bits = tg.fit_to_cap(quantized, model, hessians, limit, log=lambda m: None)
+    pruned = tg.prune_to_fit(quantized, limit, log=lambda m: None)
+    print(f"  {limit:>9,} | {len(bits):>9,} B error {total_error(bits) / base - 1:+8.1%} | "
+          f"{len(pruned):>9,} B error {total_error(pruned) / base - 1:+8.1%}")
+
+raw = lzma.decompress(blob)
+print(f"\n3. compressors on the {len(raw):,}-byte serialized model (order-0 entropy estimate "
+      f"{int(tg.estimated_bytes(quantized)):,})")
+for name, compress in (("LZMA_FILTERS (ours)", lambda b: lzma.compress(b, format=lzma.FORMAT_XZ, filters=tg.LZMA_FILTERS)),
+                       ("lzma preset 9", lambda b: lzma.compress(b, preset=9)),
+                       ("lzma preset 9e", lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)),
+                       ("zlib 9", lambda b: zlib.compress(b, 9)), ("bz2 9", lambda b: bz2.compress(b, 9))):
+    print(f"  {name:>20}: {len(compress(raw)):,}")
