@@ -100,13 +100,16 @@ def test_attention_matches_fallback(fast, backend):
         pytest.skip(f"{backend} does not take GQA at this shape on this GPU")
 
 
-def test_model_loss_and_grads_kernels_vs_fallback(fast):
-    need(fast, "ssd")
+def small_cuda_model():
     hp = make_hp(MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MAMBA_HEADDIM=64, MAMBA_D_STATE=64,
                  MAMBA_CHUNK_SIZE=64, TRAIN_SEQ_LEN=512, VOCAB_SIZE=1024)
     torch.manual_seed(0)
-    model = randomize_weights(tg.HybridGPT(hp), 1).cuda()
-    ids = torch.randint(0, hp.vocab_size, (4, 513), device="cuda")
+    return randomize_weights(tg.HybridGPT(hp), 1).cuda(), torch.randint(0, hp.vocab_size, (4, 513), device="cuda")
+
+
+def test_model_loss_and_grads_kernels_vs_fallback(fast):
+    need(fast, "ssd")
+    model, ids = small_cuda_model()
     out = []
     for fast_on in (True, False):
         tg.configure_kernels(make_hp(FAST_KERNELS=int(fast_on)), torch.device("cuda"), lambda m: None)
@@ -124,11 +127,7 @@ def test_model_loss_and_grads_kernels_vs_fallback(fast):
 def test_whole_model_compiles_without_graph_breaks(fast):
     """fullgraph=True raises at the first graph break: the SSD custom op must be opaque, not a break."""
     need(fast, "ssd")
-    hp = make_hp(MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MAMBA_HEADDIM=64, MAMBA_D_STATE=64,
-                 MAMBA_CHUNK_SIZE=64, TRAIN_SEQ_LEN=512, VOCAB_SIZE=1024)
-    torch.manual_seed(0)
-    model = randomize_weights(tg.HybridGPT(hp), 1).cuda()
-    ids = torch.randint(0, hp.vocab_size, (4, 513), device="cuda")
+    model, ids = small_cuda_model()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     losses = []

@@ -51,15 +51,19 @@ def test_ssd_float32_and_chunk_independence():
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_ssd_gradients_match_sequential():
-    inputs = [t.requires_grad_() for t in random_ssd_inputs(1, 20, 2, 3, 1, 4, torch.float64, seed=5)]
-    tg.ssd_scan(*inputs, 8).square().sum().backward()
-    fast = [t.grad.clone() for t in inputs]
+def assert_grads_match_sequential(scan, inputs):
+    scan(*inputs, 8).square().sum().backward()
+    got = [t.grad.clone() for t in inputs]
     for t in inputs:
         t.grad = None
     ssd_sequential(*inputs)[0].square().sum().backward()
-    for a, b in zip(fast, inputs):
+    for a, b in zip(got, inputs):
         torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_ssd_gradients_match_sequential():
+    inputs = [t.requires_grad_() for t in random_ssd_inputs(1, 20, 2, 3, 1, 4, torch.float64, seed=5)]
+    assert_grads_match_sequential(tg.ssd_scan, inputs)
 
 
 def test_causal_conv_matches_conv1d():
@@ -216,13 +220,7 @@ def test_ssd_custom_op_wiring(monkeypatch):
     monkeypatch.setitem(tg.KERNELS, "ssd_bwd", bwd)
     inputs = [t.requires_grad_() for t in random_ssd_inputs(1, 24, 2, 3, 1, 4, torch.float64, seed=7)]
     torch.library.opcheck(tg.ssd_scan_kernel, (*inputs, 8))
-    tg.ssd_scan_kernel(*inputs, 8).square().sum().backward()
-    via_op = [t.grad.clone() for t in inputs]
-    for t in inputs:
-        t.grad = None
-    ssd_sequential(*inputs)[0].square().sum().backward()
-    for a, b in zip(via_op, inputs):
-        torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-9)
+    assert_grads_match_sequential(tg.ssd_scan_kernel, inputs)
 
 def test_import_without_package_init_skips_init_and_repeats(tmp_path, monkeypatch):
     """mamba_ssm's __init__ needs a CUDA extension the SSD path never uses: its submodules must import

@@ -57,6 +57,30 @@ print(f"\n2. fitting a tighter cap: {len(blob):,} model bytes; pruning every +-1
 print(f"  {'limit':>9} | {'lower bit widths':>28} | {'prune +-1':>24}")
 
 
+def prune_to_fit(quantized, limit_bytes):
+    """The alternative to lowering bit widths: zero the +-1 int6 values in the rows of smallest scale
+    (least output change, and zeros compress best), as few as fit, by bisection on how many."""
+    cands = [(s[r], n, r, c) for n, (k, q, s) in quantized.items() if k == "int6"
+             for r, c in [torch.nonzero(q.abs() == 1, as_tuple=True)]]
+    order = torch.argsort(torch.cat([c[0] for c in cands]))
+
+    def pruned(k):
+        chosen, out, start = torch.zeros(len(order), dtype=torch.bool), dict(quantized), 0
+        chosen[order[:k]] = True
+        for cost, n, r, c in cands:
+            sel, start = chosen[start:start + len(cost)], start + len(cost)
+            kind, q, s = quantized[n]
+            q = q.clone()
+            q[r[sel], c[sel]] = 0
+            out[n] = (kind, q, s)
+        return tg.serialize(out)
+    lo, hi = 0, len(order)
+    while hi - lo > max(1, len(order) // 200):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(pruned(mid)) <= limit_bytes else (mid, hi)
+    return pruned(hi)
+
+
 def total_error(b):
     after = tg.deserialize(b)
     return sum(weighted_error(state[n].float(), after[n], hessians[n]) for n in names)
@@ -66,7 +90,7 @@ base = total_error(blob)
 for frac in (0.25, 0.5, 0.95):
     limit = int(len(blob) - frac * (len(blob) - floor))
     bits = tg.fit_to_cap(quantized, model, hessians, limit, log=lambda m: None)
-    pruned = tg.prune_to_fit(quantized, limit, log=lambda m: None)
+    pruned = prune_to_fit(quantized, limit)
     print(f"  {limit:>9,} | {len(bits):>9,} B error {total_error(bits) / base - 1:+8.1%} | "
           f"{len(pruned):>9,} B error {total_error(pruned) / base - 1:+8.1%}")
 
