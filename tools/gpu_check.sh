@@ -2,14 +2,21 @@
 # On a GPU machine, from the project root: the GPU tests (fast kernels against the PyTorch fallbacks,
 # whole-model compile without graph breaks, a 2-GPU run when there are 2 GPUs) and the kernel
 # benchmarks, each log kept in $OUT (or /tmp/gpu_check) so nothing is lost to a truncated console.
-# Uses .bench/gpu_env.sh for the kernel packages where that folder exists.
+# The 2-GPU run goes first, in its own pytest process: after the compile tests in the same process it
+# once ran past 390 s instead of its usual 108. Every part has a time limit.
 #   BENCH_ARGS="--what ssd,attn" bash tools/gpu_check.sh
 set -uo pipefail
 [ -f .bench/gpu_env.sh ] && source .bench/gpu_env.sh
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pytest -m gpu tests/test_gpu.py -q -rA --durations=5 > "$out/gpu_tests.log" 2>&1
-echo "gpu tests: exit $? -> $out/gpu_tests.log"; grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed" "$out/gpu_tests.log" | tail -40
-python3 tools/bench_step.py ${BENCH_ARGS:---what ssd,attn} > "$out/bench_step.log" 2>&1
-echo "bench: exit $? -> $out/bench_step.log"; grep -v "^kernels:" "$out/bench_step.log" | tail -30
+run() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "$name: exit $? (limit ${limit}s) -> $out/$name.log"
+}
+run gpu_tests_2gpu 200 python3 -m pytest -m gpu tests/test_gpu.py -k two_gpu -q -rA -p no:cacheprovider
+run gpu_tests 200 python3 -m pytest -m gpu tests/test_gpu.py -k "not two_gpu" -q -rA -p no:cacheprovider
+grep -hE "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed" "$out"/gpu_tests*.log | tail -40
+run bench_step 240 python3 tools/bench_step.py ${BENCH_ARGS:---what ssd,attn}
+grep -E "^(ssd|attention|layer|step)" "$out/bench_step.log" | tail -30
