@@ -90,3 +90,15 @@ def test_smoke_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "logs" / "pytest_smoke.int6.xz").stat().st_size == s["model_bytes"]
     assert s["train_seconds"] <= s["config"]["MAX_WALLCLOCK_SECONDS"] + 1.0
     assert "gptq: " in r.stdout and " 0 matrices with Hessians" not in r.stdout
+
+
+def test_compile_modes_wrap_what_they_say():
+    """COMPILE=1 wraps the whole model, COMPILE=2 each block (so identical blocks share a compilation),
+    0 nothing. torch.compile is lazy: nothing compiles here, only the wrapping is checked."""
+    hp = make_hp()
+    model = tg.HybridGPT(hp)
+    assert tg.compile_model(model, 0) is model and all(b._compiled_call_impl is None for b in model.blocks)
+    whole = tg.compile_model(model, 1)
+    assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule) and whole._orig_mod is model
+    assert tg.compile_model(model, 2) is model
+    assert all(b._compiled_call_impl is not None for b in model.blocks)
