@@ -128,3 +128,34 @@ def test_ema_ramps_its_decay_then_holds_it():
     torch.testing.assert_close(ema.params[0], 0.997 * before + 0.003 * (w0 + 2))
     ema.copy_to(model)
     assert torch.equal(model.weight, ema.params[0])
+
+
+def _sync_check(rank, world_size, port, perturb, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = tg.Context()
+    torch.manual_seed(0)
+    model = tg.HybridGPT(make_hp())
+    if perturb and rank == 1:
+        with torch.no_grad():
+            model.blocks[0].mixer.D[0] += 1e-6  # one scalar, one rank: must still be caught
+    lines, outcome = [], "ok"
+    try:
+        tg.check_ranks_in_sync(model, ctx, lines.append)
+    except RuntimeError as e:
+        outcome = str(e)
+    with open(os.path.join(out_dir, f"sync_{int(perturb)}_r{rank}.txt"), "w") as f:
+        f.write(outcome + "\n" + "\n".join(lines))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_rank_sync_check_passes_identical_ranks_and_catches_divergence(tmp_path, perturb):
+    mp.spawn(_sync_check, args=(2, _free_port(), perturb, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        text = (tmp_path / f"sync_{int(perturb)}_r{rank}.txt").read_text()
+        if perturb:
+            assert text.startswith("ranks diverged: parameter checksums"), text
+        else:
+            assert text.startswith("ok"), text
+            assert rank == 1 or "ranks in sync: 2 ranks" in text
