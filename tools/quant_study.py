@@ -2,7 +2,8 @@
 """Measure the export's choices on a trained model, on CPU, in a few minutes: trains a small hybrid on
 SMOKE's self-made corpus with train_gpt.py's own loop, collects GPTQ Hessians from training batches, then
 reports (1) Hessian-weighted error of GPTQ with full-range vs clipped scales at int6/int5/int4,
-(2) fitting under a tighter cap by lowering bit widths vs by pruning +-1 weights, and (3) compressors.
+(2) fitting under a tighter cap by lowering bit widths vs by pruning +-1 weights (error and val_bpb),
+(3) compressors, and (4) the embedding's width (val_bpb and bytes at int8/int7/int6).
 usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
 import argparse, bz2, lzma, sys, tempfile, types, zlib
 from pathlib import Path
@@ -31,6 +32,18 @@ steps, ema = tg.train_loop(model, model, tg.build_optimizers(model, hp), loader,
 if ema is not None:
     ema.copy_to(model)
 state = model.state_dict()
+import sentencepiece as spm  # noqa: E402
+luts = tg.build_byte_luts(spm.SentencePieceProcessor(model_file=hp.tokenizer_path), hp.vocab_size)
+val = tg.load_validation_tokens(hp.data_path, hp.train_seq_len)
+
+
+def val_bpb(weights):
+    """val_bpb of the model with these (dequantized) weights: plain evaluation of the whole val split."""
+    scratch = tg.HybridGPT(hp)
+    scratch.load_state_dict(weights)
+    return tg.evaluate(scratch, val, hp.train_seq_len, hp.train_seq_len, 32, ctx, luts)[1]
+
+
 names = [n for n, p in state.items() if tg.quant_kind(n, p) == "int6"]
 hessians = tg.collect_hessians(model, [loader.next_batch(hp.train_seq_len * 16, hp.train_seq_len) for _ in range(4)],
                                ctx, names)
@@ -54,7 +67,8 @@ blob = tg.serialize(quantized)
 floor = len(tg.serialize({n: (k, q.masked_fill(q.abs() == 1, 0) if k == "int6" else q, s)
                           for n, (k, q, s) in quantized.items()}))
 print(f"\n2. fitting a tighter cap: {len(blob):,} model bytes; pruning every +-1 gives {floor:,}")
-print(f"  {'limit':>9} | {'lower bit widths':>28} | {'prune +-1':>24}")
+print(f"  float val_bpb {val_bpb(state):.4f}; int6 artifact val_bpb {val_bpb(tg.deserialize(blob)):.4f}")
+print(f"  {'limit':>9} | {'lower bit widths':>42} | {'prune +-1':>42}")
 
 
 def prune_to_fit(quantized, limit_bytes):
@@ -91,8 +105,9 @@ for frac in (0.25, 0.5, 0.95):
     limit = int(len(blob) - frac * (len(blob) - floor))
     bits = tg.fit_to_cap(quantized, model, hessians, limit, log=lambda m: None)
     pruned = prune_to_fit(quantized, limit)
-    print(f"  {limit:>9,} | {len(bits):>9,} B error {total_error(bits) / base - 1:+8.1%} | "
-          f"{len(pruned):>9,} B error {total_error(pruned) / base - 1:+8.1%}")
+    print(f"  {limit:>9,} | {len(bits):>9,} B error {total_error(bits) / base - 1:+8.1%} "
+          f"val_bpb {val_bpb(tg.deserialize(bits)):.4f} | {len(pruned):>9,} B error "
+          f"{total_error(pruned) / base - 1:+8.1%} val_bpb {val_bpb(tg.deserialize(pruned)):.4f}")
 
 raw = lzma.decompress(blob)
 print(f"\n3. compressors on the {len(raw):,}-byte serialized model (order-0 entropy estimate "
@@ -102,3 +117,10 @@ for name, compress in (("LZMA_FILTERS (ours)", lambda b: lzma.compress(b, format
                        ("lzma preset 9e", lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)),
                        ("zlib 9", lambda b: zlib.compress(b, 9)), ("bz2 9", lambda b: bz2.compress(b, 9))):
     print(f"  {name:>20}: {len(compress(raw)):,}")
+
+print("\n4. the tied embedding's width (round to nearest, per-row scales; everything else as exported)")
+for bits, qmax in (("int8", 127), ("int7", 63), ("int6", 31)):
+    trial = dict(quantized)
+    trial["tok_emb.weight"] = ("int8", *tg.quantize_rtn(state["tok_emb.weight"].float(), qmax))
+    b = tg.serialize(trial)
+    print(f"  {bits}: {len(b):,} model bytes, val_bpb {val_bpb(tg.deserialize(b)):.4f}")
