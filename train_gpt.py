@@ -76,6 +76,8 @@ class Hyperparameters:
         self.mlp_mult = self._float("MLP_MULT", 3.0, 0.0, 64.0)
         self.tie_embeddings = self._flag("TIE_EMBEDDINGS", 1)
         self.rope_base = self._float("ROPE_BASE", 10000.0, 1.0, 1e9)
+        self.rope_dims = self._int("ROPE_DIMS", 0, 0, 1024)  # rotated dims per head; 0: all (partial RoPE: e.g. 16)
+        self.attn_xsa = self._flag("ATTN_XSA", 0)  # 1: remove each output's component along its own value
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
         self.qk_gain_init = self._float("QK_GAIN_INIT", 1.5, 0.0, 100.0)
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
@@ -182,6 +184,9 @@ class Hyperparameters:
             e(f"Mamba heads ({d_inner // self.mamba_headdim}) must be a multiple of MAMBA_NGROUPS={self.mamba_ngroups}")
         if self.eval_stride > self.train_seq_len:
             e(f"EVAL_STRIDE={self.eval_stride} must be at most TRAIN_SEQ_LEN={self.train_seq_len}")
+        head_dim = self.model_dim // max(self.num_heads, 1)
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            e(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim ({head_dim}); 0 rotates all")
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
         if self.ttt_enabled and self.eval_stride == 0:
@@ -505,16 +510,19 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim, base):
+    """RoPE on the first `dims` of each head (all of them by default); the rest carry position-free content."""
+
+    def __init__(self, dims, base):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
 
     def forward(self, x):  # x: (B, L, H, D)
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(x.device))
         cos, sin = freqs.cos()[None, :, None].to(x.dtype), freqs.sin()[None, :, None].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        x1, x2, rest = x[..., :self.dims // 2], x[..., self.dims // 2:self.dims], x[..., self.dims:]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 class Attention(nn.Module):
@@ -527,7 +535,8 @@ class Attention(nn.Module):
         self.v = CastedLinear(dim, self.kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.heads,), hp.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, hp.rope_base)
+        self.rotary = Rotary(hp.rope_dims or self.head_dim, hp.rope_base)
+        self.xsa = hp.attn_xsa
 
     def forward(self, x):
         b, L, _ = x.shape
@@ -536,7 +545,11 @@ class Attention(nn.Module):
         v = self.v(x).view(b, L, self.kv_heads, self.head_dim)
         q = self.rotary(F.rms_norm(q, (self.head_dim,))) * self.q_gain.to(x.dtype)[:, None]
         k = self.rotary(F.rms_norm(k, (self.head_dim,)))
-        return self.proj(attention_op(q, k, v).reshape(b, L, -1))
+        y = attention_op(q, k, v)
+        if self.xsa:  # the token's own value is already in the residual stream: keep only what is new
+            v_dir = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=2), dim=-1)
+            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
+        return self.proj(y.reshape(b, L, -1))
 
 
 class Mamba2(nn.Module):

@@ -58,6 +58,8 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"EVAL_STRIDE": "0"}, "TTT_ENABLED=1 scores through sliding windows"),
     ({"REQUIRE_FAST_KERNELS": "1", "FAST_KERNELS": "0"}, "REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1"),
     ({"QUANT_MIN_BITS": "3"}, "QUANT_MIN_BITS=3: expected an integer in [4, 6]"),
+    ({"ROPE_DIMS": "15"}, "ROPE_DIMS=15 must be even and at most the head dim (64)"),
+    ({"ROPE_DIMS": "128"}, "ROPE_DIMS=128 must be even and at most the head dim (64)"),
     ({"QUANT_MIN_BITS": "8"}, "QUANT_MIN_BITS=8: expected an integer in [4, 6]"),
     ({"GPTQ_CLIP_SEARCH": "yes"}, "GPTQ_CLIP_SEARCH='yes': expected 0 or 1"),
 ])

@@ -92,9 +92,10 @@ def perturbed_model(hp, seed=0):
     return model
 
 
-@pytest.mark.parametrize("layers", ["0,2,3", "", "0,1,2,3"])
-def test_whole_model_is_causal(layers):
-    hp = make_hp(MAMBA_LAYERS=layers, MAMBA_CHUNK_SIZE=8)
+@pytest.mark.parametrize("layers, extra", [("0,2,3", {}), ("", {}), ("0,1,2,3", {}),
+                                           ("0,2", {"ATTN_XSA": 1, "ROPE_DIMS": 8})])
+def test_whole_model_is_causal(layers, extra):
+    hp = make_hp(MAMBA_LAYERS=layers, MAMBA_CHUNK_SIZE=8, **extra)
     model = perturbed_model(hp).double()
     ids = torch.randint(0, hp.vocab_size, (2, 40))
     base = model.logits(ids)
@@ -237,3 +238,38 @@ def test_import_without_package_init_skips_init_and_repeats(tmp_path, monkeypatc
     assert tg.import_without_package_init("initfails", "ops.kernel").VALUE == 42
     with pytest.raises(ImportError, match="not installed"):
         tg.import_without_package_init("no_such_package_here", "x")
+
+
+def test_partial_rope_rotates_only_its_dims_and_stays_relative():
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 3, 64, dtype=torch.float64)
+    full, partial = tg.Rotary(64, 10000.0).double(), tg.Rotary(16, 10000.0).double()
+    out = partial(x)
+    torch.testing.assert_close(out[..., 16:], x[..., 16:], rtol=0, atol=0)
+    torch.testing.assert_close(out[..., :16], tg.Rotary(16, 10000.0).double()(x[..., :16].contiguous()))
+    assert not torch.allclose(out[:, 1:, :, :16], x[:, 1:, :, :16])
+    assert not torch.allclose(full(x)[..., 16:], x[..., 16:])
+    # the rotated part's dot products depend on the offset only: the same q, k at positions (t, s), (t+4, s+4)
+    q, k = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    seq = torch.zeros(1, 12, 1, 64, dtype=torch.float64)
+
+    def score(tq, tk):
+        xq, xk = seq.clone(), seq.clone()
+        xq[0, tq, 0], xk[0, tk, 0] = q, k
+        return float((partial(xq)[0, tq, 0] * partial(xk)[0, tk, 0]).sum())
+    assert abs(score(5, 2) - score(9, 6)) < 1e-9 and abs(score(5, 2) - score(5, 3)) > 1e-6
+
+
+def test_xsa_removes_each_output_s_own_value_direction():
+    hp = make_hp(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ATTN_XSA=1)
+    torch.manual_seed(0)
+    attn = tg.Attention(hp).double()
+    with torch.no_grad():
+        attn.proj.weight.copy_(torch.eye(32, dtype=torch.float64))  # expose y itself
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    y = attn(x).view(2, 10, 4, 8)
+    v = attn.v(x).view(2, 10, 2, 8).repeat_interleave(2, dim=2)
+    assert float((y * F.normalize(v, dim=-1)).sum(-1).abs().max()) < 1e-12
+    attn.xsa = 0
+    plain = attn(x).view(2, 10, 4, 8)
+    assert float((plain * F.normalize(v, dim=-1)).sum(-1).abs().max()) > 1e-3
