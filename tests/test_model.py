@@ -267,9 +267,10 @@ def test_xsa_removes_each_output_s_own_value_direction():
     with torch.no_grad():
         attn.proj.weight.copy_(torch.eye(32, dtype=torch.float64))  # expose y itself
     x = torch.randn(2, 10, 32, dtype=torch.float64)
-    y = attn(x).view(2, 10, 4, 8)
-    v = attn.v(x).view(2, 10, 2, 8).repeat_interleave(2, dim=2)
-    assert float((y * F.normalize(v, dim=-1)).sum(-1).abs().max()) < 1e-12
-    attn.xsa = 0
-    plain = attn(x).view(2, 10, 4, 8)
+    with torch.no_grad():
+        y = attn(x).view(2, 10, 4, 8)
+        v = attn.v(x).view(2, 10, 2, 8).repeat_interleave(2, dim=2)
+        assert float((y * F.normalize(v, dim=-1)).sum(-1).abs().max()) < 1e-12
+        attn.xsa = 0
+        plain = attn(x).view(2, 10, 4, 8)
     assert float((plain * F.normalize(v, dim=-1)).sum(-1).abs().max()) > 1e-3
