@@ -1341,35 +1341,16 @@ def describe(hp, model, log, code_bytes):
     return report
 
 
-def make_smoke_corpus(root, seed=0):
-    """A synthetic language with known structure: words from syllables, sentences from a sparse
-    first-order Markov chain over words. A model that learns the transitions beats the unigram rate."""
-    import sentencepiece as spm
-    rng = random.Random(seed)
-    syll = ["ka", "to", "ri", "ne", "su", "mo", "la", "pi", "de", "fu", "go", "ya", "zo", "chi", "wa", "be"]
-    words = sorted({"".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(400)})
-    succ = {w: rng.sample(words, 4) for w in words}
-
-    def doc():
-        out, w = [], rng.choice(words)
-        for _ in range(rng.randint(40, 120)):
-            out.append(w)
-            w = rng.choice(succ[w]) if rng.random() < 0.9 else rng.choice(words)
-        return " ".join(out).capitalize() + "."
-    root.mkdir(parents=True, exist_ok=True)
-    train_docs, val_docs = [doc() for _ in range(3000)], [doc() for _ in range(150)]
-    (root / "spm_train.txt").write_text("\n".join(train_docs[:1500]))
-    spm.SentencePieceTrainer.train(input=str(root / "spm_train.txt"), model_prefix=str(root / "smoke"),
-                                   vocab_size=SMOKE_DEFAULTS["VOCAB_SIZE"], model_type="bpe", byte_fallback=True,
-                                   pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2, num_threads=2)
-    sp = spm.SentencePieceProcessor(model_file=str(root / "smoke.model"))
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = np.concatenate([np.array([sp.bos_id()] + sp.encode(d), dtype=np.uint16) for d in docs])
-        header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(ids))
-        with open(root / f"fineweb_{split}_000000.bin", "wb") as f:
-            f.write(header.tobytes() + ids.astype("<u2").tobytes())
-    return str(root), str(root / "smoke.model")
+def make_smoke_corpus(root, vocab_size):
+    """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (a development
+    aid, not part of a submission's counted code)."""
+    path = Path(__file__).resolve().parent / "data" / "smoke_corpus.py"
+    if not path.is_file():
+        raise SystemExit(f"SMOKE=1 needs {path}: run it from the project, where data/ holds the corpus maker")
+    spec = importlib.util.spec_from_file_location("smoke_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_smoke_corpus(root, vocab_size)
 
 
 def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
@@ -1448,7 +1429,7 @@ def main():
     if hp.smoke:
         smoke_dir = Path(tempfile.mkdtemp(prefix="smoke_"))
         if ctx.is_main:
-            make_smoke_corpus(smoke_dir)
+            make_smoke_corpus(smoke_dir, hp.vocab_size)
         if ctx.distributed:
             dist.broadcast_object_list(obj := [str(smoke_dir)])
             smoke_dir = Path(obj[0])

@@ -102,3 +102,13 @@ def test_compile_modes_wrap_what_they_say():
     assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule) and whole._orig_mod is model
     assert tg.compile_model(model, 2) is model
     assert all(b._compiled_call_impl is not None for b in model.blocks)
+
+
+def test_smoke_outside_the_project_says_what_is_missing(tmp_path):
+    """A record folder holds train_gpt.py alone: SMOKE=1 there must stop with a clear message."""
+    script = tmp_path / "train_gpt.py"
+    script.write_bytes((Path(tg.__file__)).read_bytes())
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, SMOKE="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "SMOKE=1 needs" in r.stderr and "data/smoke_corpus.py" in r.stderr and "Traceback" not in r.stderr

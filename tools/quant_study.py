@@ -22,7 +22,7 @@ hp = tg.Hyperparameters({"SMOKE": "1", "MAX_WALLCLOCK_SECONDS": str(a.seconds), 
                          "NUM_LAYERS": "4", "MAMBA_HEADDIM": "32", "MLP_MULT": "3", "ITERATIONS": "400",
                          "WARMDOWN_ITERS": "150", "TRAIN_LOG_EVERY": "100"})
 root = Path(tempfile.mkdtemp(prefix="quant_study_"))
-tg.make_smoke_corpus(root)
+tg.make_smoke_corpus(root, hp.vocab_size)
 hp.data_path, hp.tokenizer_path = str(root), str(root / "smoke.model")
 ctx = types.SimpleNamespace(device=torch.device("cpu"), distributed=False, rank=0, world_size=1, is_main=True)
 torch.manual_seed(0)
