@@ -391,29 +391,19 @@ def load_fast_kernels():
     return found
 
 
+FALLBACKS = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "attention": "torch-sdpa"}
+
+
 def configure_kernels(hp, device, log=print):
     """Choose each kernel call site's implementation once, at startup, and say which. On CUDA a
     missing fast kernel is a warning, or an error under REQUIRE_FAST_KERNELS=1."""
-    for key in KERNELS:
-        KERNELS[key] = None
     use = hp.fast_kernels and device.type == "cuda"
-    found = load_fast_kernels() if use else {}
-    fallback = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "attention": "torch-sdpa"}
-    chosen, missing = {}, []
-    for site, fallback_name in fallback.items():
-        impl, name = found.get(site, (None, None))
-        if impl is None:
-            chosen[site] = fallback_name
-            if use:
-                missing.append(name)
-            continue
-        chosen[site] = name
-        if site == "ssd":
-            KERNELS["ssd_fwd"], KERNELS["ssd_bwd"] = impl
-        else:
-            KERNELS[site] = impl
-    log("kernels: " + " ".join(f"{site}={name}" for site, name in chosen.items())
+    found = load_fast_kernels() if use else {site: (None, None) for site in FALLBACKS}
+    KERNELS.update(causal_conv1d=found["causal_conv1d"][0], attention=found["attention"][0])
+    KERNELS["ssd_fwd"], KERNELS["ssd_bwd"] = found["ssd"][0] or (None, None)
+    log("kernels: " + " ".join(f"{site}={name if impl else FALLBACKS[site]}" for site, (impl, name) in found.items())
         + ("" if use else f" ({'FAST_KERNELS=0' if not hp.fast_kernels else 'no CUDA device'})"))
+    missing = [why for impl, why in found.values() if use and impl is None]
     if missing:
         msg = "fast kernels unavailable, PyTorch fallbacks in use (slower): " + "; ".join(missing)
         if hp.require_fast_kernels:
@@ -1089,7 +1079,7 @@ def estimated_bytes(quantized):
 LOWER_KIND = {"int6": "int5", "int5": "int4"}
 
 
-def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, deadline=None, log=print):
+def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, log=print):
     """The serialized model, at most limit_bytes. Over the cap, the least harmful means first: whole matrices
     go down one bit width at a time (int6 -> int5 -> int4, not below QUANT_MIN_BITS), cheapest first, the
     price of a step being its increase in Hessian-weighted error per byte saved (bytes from the values'
@@ -1112,7 +1102,7 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, d
         lower = LOWER_KIND.get(kind)
         if lower is None or int(lower[3:]) < min_bits:
             return None
-        q2, s2, _ = quantize_matrix(state[name].detach().float().cpu(), hessians.get(name), lower, clip, deadline)
+        q2, s2, _ = quantize_matrix(state[name].detach().float().cpu(), hessians.get(name), lower, clip)
         d_err = weighted_error(name, q2, s2) - weighted_error(name, q, s)
         d_bytes = entropy_bytes(q) - entropy_bytes(q2)
         return (max(d_err, 0.0) / max(d_bytes, 1.0), name, lower, q2, s2)
@@ -1271,13 +1261,11 @@ class Context:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if cuda:
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         if self.distributed and not dist.is_initialized():
-            cuda = self.device.type == "cuda"
             dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
         self.is_main = self.rank == 0
 
