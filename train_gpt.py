@@ -105,6 +105,10 @@ class Hyperparameters:
         self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
         self.beta2 = self._float("BETA2", 0.95, 0.0, 0.99999)
         self.adam_eps = self._float("ADAM_EPS", 1e-8, 1e-12, 1e-2)
+        # decoupled weight decay (p -= lr * wd * p): Muon's matrices, and Adam's embeddings / head only (a
+        # decay would pull the gains, mixes, A_log and D of the scalar group toward 0)
+        self.muon_wd = self._float("MUON_WD", 0.0, 0.0, 1.0)
+        self.adam_wd = self._float("ADAM_WD", 0.0, 0.0, 1.0)
         self.grad_clip_norm = self._float("GRAD_CLIP_NORM", 0.3, 0.0, 1e6)  # 0: off
         self.ema_decay = self._float("EMA_DECAY", 0.997, 0.0, 0.99999)    # 0: off
         # export
@@ -704,8 +708,8 @@ class Muon(torch.optim.Optimizer):
     """Momentum, then orthogonalized updates. Ranks split the Newton-Schulz work round-robin and
     share results with one all-reduce, so every rank applies the same update."""
 
-    def __init__(self, params, lr, momentum, backend_steps):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self):
@@ -726,6 +730,8 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(flat)
             offset = 0
             for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
@@ -745,12 +751,13 @@ def build_optimizers(model, hp):
     muon_groups = [dict(params=g, lr=lr, base_lr=lr) for g, lr in
                    ((matrices, hp.matrix_lr), (mamba_matrices, hp.mamba_matrix_lr)) if g]
     embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
-    adam_groups = [dict(params=g, lr=lr, base_lr=lr) for g, lr in
-                   ((embeddings, embed_lr), (head, hp.head_lr), (scalars, hp.scalar_lr)) if g]
-    opts = [torch.optim.Adam(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
-                             fused=next(model.parameters()).is_cuda)]
+    adam_groups = [dict(params=g, lr=lr, base_lr=lr, weight_decay=wd) for g, lr, wd in
+                   ((embeddings, embed_lr, hp.adam_wd), (head, hp.head_lr, hp.adam_wd), (scalars, hp.scalar_lr, 0.0)) if g]
+    opts = [torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
+                              fused=next(model.parameters()).is_cuda)]
     if muon_groups:
-        opts.append(Muon(muon_groups, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps))
+        opts.append(Muon(muon_groups, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+                         weight_decay=hp.muon_wd))
     return opts
 
 # ----------------------------------------------------------------------------------------------

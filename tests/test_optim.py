@@ -32,8 +32,9 @@ def test_muon_takes_matrices_with_their_learning_rates():
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
 
 
-def test_each_parameter_updated_exactly_once_per_step():
-    hp = make_hp(GRAD_CLIP_NORM=0)
+@pytest.mark.parametrize("wd", [{}, {"MUON_WD": "0.1", "ADAM_WD": "0.2"}])
+def test_each_parameter_updated_exactly_once_per_step(wd):
+    hp = make_hp(GRAD_CLIP_NORM=0, **wd)
     torch.manual_seed(0)
     model = tg.HybridGPT(hp)
     opts = tg.build_optimizers(model, hp)
@@ -44,14 +45,19 @@ def test_each_parameter_updated_exactly_once_per_step():
         grads[n] = p.grad.clone()
     for o in opts:
         o.step()
-    lrs = {id(p): (g["lr"], isinstance(o, tg.Muon), g.get("momentum")) for o in opts for g in o.param_groups for p in g["params"]}
+    lrs = {id(p): (g["lr"], isinstance(o, tg.Muon), g.get("momentum"), g["weight_decay"])
+           for o in opts for g in o.param_groups for p in g["params"]}
     for n, p in model.named_parameters():
-        lr, is_muon, momentum = lrs[id(p)]
+        lr, is_muon, momentum, decay = lrs[id(p)]
+        # decoupled weight decay: Muon's matrices and Adam's embeddings/head; never the scalar group
+        want = hp.muon_wd if is_muon else hp.adam_wd if n.split(".")[0] in ("tok_emb", "lm_head") or "bigram.embed" in n else 0.0
+        assert decay == want, n
+        start = before[n] * (1 - lr * decay)
         if is_muon:  # nesterov momentum on a fresh buffer: orthogonalize (1 + momentum) * g
             u = tg.newton_schulz_orthogonalize(grads[n] * (1 + momentum), hp.muon_backend_steps)
-            expected = before[n] - lr * u * max(1.0, p.size(0) / p.size(1)) ** 0.5
+            expected = start - lr * u * max(1.0, p.size(0) / p.size(1)) ** 0.5
         else:  # Adam's first step moves by lr * g / (|g| + eps)
-            expected = before[n] - lr * grads[n] / (grads[n].abs() + hp.adam_eps)
+            expected = start - lr * grads[n] / (grads[n].abs() + hp.adam_eps)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=n)
 
 
