@@ -106,3 +106,11 @@ def test_grad_accum_default_and_batch_geometry():
     hp = tg.Hyperparameters({"TRAIN_BATCH_TOKENS": "1000"})
     with pytest.raises(tg.ConfigError, match="TRAIN_BATCH_TOKENS=1000 must be a multiple"):
         hp.resolve_world(1)
+
+
+def test_every_knob_is_in_the_readme_table():
+    """Users read the README's table to launch runs: a knob missing there is a knob nobody can find."""
+    table = {line.split("|")[1].strip().strip("`") for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("| `")}
+    knobs = set(tg.Hyperparameters({}).resolved)
+    assert knobs and not knobs - table, sorted(knobs - table)
