@@ -341,8 +341,9 @@ def causal_conv1d(x, weight, bias):
     The fallback is shift-and-add, not F.conv1d: the (B, L, C) layout needs no transposes and compiles
     into one fused kernel."""
     if KERNELS["causal_conv1d"] is not None and x.is_cuda:
-        # the CUDA kernel takes (B, C, L) and wants stride 1 along C: a transposed view of (B, L, C) is that
-        return KERNELS["causal_conv1d"](x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
+        # the CUDA kernel takes (B, C, L) in its channel-last layout: a transposed view of a contiguous
+        # (B, L, C); x itself is a slice of in_proj's output, hence the copy
+        return KERNELS["causal_conv1d"](x.contiguous().transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
                                         activation="silu").transpose(1, 2)
     return causal_conv1d_torch(x, weight, bias)
 
