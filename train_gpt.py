@@ -5,7 +5,7 @@ One file holds everything a submission counts: env-var hyperparameters, the shar
 GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
     torchrun --standalone --nproc_per_node=8 train_gpt.py
     DRY_RUN=1 python3 train_gpt.py     # resolved config, layer map, parameter counts; no data needed
-    SMOKE=1 python3 train_gpt.py       # whole pipeline on a tiny self-made corpus, CPU, < 3 minutes
+    SMOKE=1 python3 train_gpt.py       # whole pipeline on a tiny self-made corpus (data/smoke_corpus.py), CPU
 """
 from __future__ import annotations
 
