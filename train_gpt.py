@@ -9,7 +9,7 @@ GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
 """
 from __future__ import annotations
 
-import contextlib, copy, glob, hashlib, importlib.util, json, lzma, math, os, random, sys, tempfile, time, uuid
+import contextlib, copy, glob, hashlib, heapq, importlib.util, json, lzma, math, os, random, sys, tempfile, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -892,8 +892,8 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
 # SSM-control tensors; a JSON header + raw bytes, LZMA-compressed. No pickle anywhere.
 # ----------------------------------------------------------------------------------------------
 
-INT6_MAX, INT8_MAX = 31, 127
 QMAX = {"int4": 7, "int5": 15, "int6": 31, "int8": 127}  # the kinds of integer payload; int6 is the default
+INT6_MAX, INT8_MAX = QMAX["int6"], QMAX["int8"]
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
@@ -910,9 +910,21 @@ def row_scales(w, qmax):
     return (w.abs().amax(dim=1) / qmax).half().float().clamp_min(2**-24)  # 2**-24: fp16's smallest step
 
 
+def round_to_grid(w, scale, qmax):
+    """Round to nearest on per-row grids: integer levels (as floats) in [-qmax, qmax]."""
+    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+
+
+def hessian_row_errors(E, H):
+    """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error over the
+    calibration inputs whose x x^T sum to H."""
+    E = E.to(H.device)
+    return ((E @ H) * E).sum(dim=1)
+
+
 def quantize_rtn(w, qmax):
     scale = row_scales(w, qmax)
-    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8), scale
+    return round_to_grid(w, scale, qmax).to(torch.int8), scale
 
 
 def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
@@ -923,8 +935,7 @@ def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
     best_err = best_scale = None
     for ratio in ratios:
         scale = (amax * ratio / qmax).half().float().clamp_min(2**-24)
-        E = W - torch.clamp(torch.round(W / scale[:, None]), -qmax, qmax) * scale[:, None]
-        err = ((E @ H) * E).sum(dim=1)
+        err = hessian_row_errors(W - round_to_grid(W, scale, qmax) * scale[:, None], H)
         if best_err is None:
             best_err, best_scale = err, scale
         else:
@@ -952,8 +963,7 @@ def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True):
     best = None
     for scale in [row_scales(W, qmax)] + ([clip_scales(W, H, qmax)] if clip else []):
         Q = gptq_columns(W[:, order], Hinv, scale, qmax, block)[:, torch.argsort(order)]
-        E = W - Q.float() * scale[:, None]
-        err = float(((E @ H) * E).sum())
+        err = float(hessian_row_errors(W - Q.float() * scale[:, None], H).sum())
         if best is None or err < best[0]:
             best = (err, Q, scale)
     return best[1], best[2]
@@ -1098,35 +1108,39 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
         return blob
     log(f"export: {len(blob):,} model bytes > {limit_bytes:,}: lowering bit widths, cheapest first "
         f"(QUANT_MIN_BITS={min_bits})")
-    quantized, state = dict(quantized), model.state_dict()
+    quantized = dict(quantized)
+    weights = {n: p.detach().float().cpu() for n, p in model.state_dict().items() if quantized[n][0] in LOWER_KIND}
 
-    def weighted_error(name, q, s):
-        E = state[name].detach().float().cpu() - q.float() * s[:, None]
+    def weighted_error(name, q, s):  # Hessian-weighted where there is a Hessian, plain squared error if not
         H = hessians.get(name)
-        return float(E.square().sum()) if H is None else float(((E.to(H.device) @ H) * E.to(H.device)).sum())
+        E = weights[name] - q.float() * s[:, None]
+        return float((E.square() if H is None else hessian_row_errors(E, H)).sum())
 
-    def next_step(name):
-        kind, q, s = quantized[name]
+    errors = {n: weighted_error(n, *quantized[n][1:]) for n in weights}  # of each matrix's current payload
+
+    def next_step(name):  # (price, name, kind, q, scale, error) of going one width down, or None
+        kind, q, _ = quantized[name]
         lower = LOWER_KIND.get(kind)
         if lower is None or int(lower[3:]) < min_bits:
             return None
-        q2, s2, _ = quantize_matrix(state[name].detach().float().cpu(), hessians.get(name), lower, clip)
-        d_err = weighted_error(name, q2, s2) - weighted_error(name, q, s)
-        d_bytes = entropy_bytes(q) - entropy_bytes(q2)
-        return (max(d_err, 0.0) / max(d_bytes, 1.0), name, lower, q2, s2)
+        q2, s2, _ = quantize_matrix(weights[name], hessians.get(name), lower, clip)
+        err2 = weighted_error(name, q2, s2)
+        price = max(err2 - errors[name], 0.0) / max(entropy_bytes(q) - entropy_bytes(q2), 1.0)
+        return price, name, lower, q2, s2, err2
 
-    steps = sorted(s for s in map(next_step, [n for n, v in quantized.items() if v[0] in LOWER_KIND]) if s)
+    steps = [s for s in map(next_step, weights) if s]
+    heapq.heapify(steps)
     lz_ratio = len(blob) / estimated_bytes(quantized)
     lowered = {}
     while len(blob) > limit_bytes and steps:
         estimate = estimated_bytes(quantized)
         while steps and estimate * lz_ratio > limit_bytes:
-            _, name, kind, q, s = steps.pop(0)
+            _, name, kind, q, s, errors[name] = heapq.heappop(steps)
             estimate += entropy_bytes(q) - entropy_bytes(quantized[name][1])
             quantized[name] = (kind, q, s)
             lowered[name] = kind
             if (following := next_step(name)) is not None:
-                steps = sorted(steps + [following])
+                heapq.heappush(steps, following)
         blob = serialize(quantized)
         lz_ratio = len(blob) / estimated_bytes(quantized)
     counts = {k: sum(v == k for v in lowered.values()) for k in ("int5", "int4")}

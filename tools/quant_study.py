@@ -50,8 +50,7 @@ hessians = tg.collect_hessians(model, [loader.next_batch(hp.train_seq_len * 16, 
 
 
 def weighted_error(W, Wq, H):
-    E = W - Wq
-    return float(((E @ H) * E).sum())
+    return float(tg.hessian_row_errors(W - Wq, H).sum())
 
 
 print(f"\n1. GPTQ Hessian-weighted error, summed over {len(names)} matrices ({steps} training steps)")
