@@ -5,9 +5,11 @@ env vars:
         eager or compiled, with the compiled graph-break count;
   ssd:  the SSD scan alone, fwd+bwd, at 48 x 2048 tokens (kernel vs fallback);
   attn: causal GQA attention alone, fwd+bwd, per SDPA backend and the flash-attention library;
-  layer: one Mamba-2 block and one attention block, compiled, fwd+bwd, with the profiler's top kernels.
-usage: python3 tools/bench_step.py [--what step,ssd,attn] [--batch-seqs 64] [--iters 10] [--compile]"""
-import argparse, os, statistics, sys
+  layer: one Mamba-2 block and one attention block, compiled, fwd+bwd, with the profiler's top kernels;
+  train: train_gpt's own train_step (COMPILE as configured, real optimizers, EMA) split into its parts
+         (fwd+bwd, grad clip + optimizers, EMA, the loss sync), with the profiler's top kernels.
+usage: python3 tools/bench_step.py [--what step,ssd,attn,layer,train] [--batch-seqs 64] [--iters 10] [--compile]"""
+import argparse, os, statistics, sys, time
 from pathlib import Path
 
 import torch
@@ -128,6 +130,77 @@ def bench_layers(hp, a):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
+class RandomTokens:
+    """train_step's loader interface over uniform random ids: the timings do not depend on the data."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def next_batch(self, tokens, seq_len):
+        ids = torch.randint(0, self.vocab_size, (tokens // seq_len, seq_len + 1), device="cuda")
+        return ids[:, :-1], ids[:, 1:]
+
+
+def bench_train(hp, a):
+    from torch.profiler import ProfilerActivity, profile
+    hp.resolve_world(1)
+    hp.grad_accum_steps, hp.train_batch_tokens = 1, a.batch_seqs * hp.train_seq_len
+    ctx = tg.Context()
+    tg.configure_kernels(hp, ctx.device, print)
+    torch.manual_seed(0)
+    base = tg.HybridGPT(hp).cuda()
+    model = tg.compile_model(base, hp.compile)
+    opts, ema, loader = tg.build_optimizers(base, hp), tg.EMA(base, hp.ema_decay), RandomTokens(hp.vocab_size)
+    x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len)
+
+    def fwd_bwd():
+        with tg.autocast(ctx.device):
+            model(x, y).mean().backward()
+
+    def optimize():
+        torch.nn.utils.clip_grad_norm_(base.parameters(), hp.grad_clip_norm)
+        for opt in opts:
+            opt.step()
+
+    def whole_step():
+        tg.train_step(model, opts, loader, hp, ctx, 100, 0.0, 0.0)
+        ema.update(base)
+    t0 = time.time()
+    whole_step()
+    print(f"train: first step (compile) {time.time() - t0:.0f}s; {sum(p.numel() for p in base.parameters()):,} params, "
+          f"{a.batch_seqs}x{hp.train_seq_len} tokens")
+    parts = {"whole train_step + EMA": whole_step, "fwd+bwd": fwd_bwd, "clip + optimizers": optimize,
+             "EMA": lambda: ema.update(base)}
+    for name, fn in parts.items():
+        print(f"train {name}: {timed(fn, a.iters):.1f} ms")
+    host = []
+    for _ in range(a.iters):  # host-side launch time: if it exceeds the GPU time, the step is CPU-bound
+        fwd_bwd()
+        torch.cuda.synchronize()
+        t0 = time.time()
+        optimize()
+        ema.update(base)
+        host.append(1000 * (time.time() - t0))
+        torch.cuda.synchronize()
+        base.zero_grad(set_to_none=True)
+    print(f"train host time to launch clip + optimizers + EMA: {statistics.median(host):.1f} ms")
+    # back to back without a host sync in between: what the GPU alone needs per step
+    torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(a.iters):
+        fwd_bwd()
+        optimize()
+        base.zero_grad(set_to_none=True)
+        ema.update(base)
+    torch.cuda.synchronize()
+    print(f"train unsynced step (fwd+bwd, optimizers, EMA): {1000 * (time.time() - t0) / a.iters:.1f} ms")
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            whole_step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--what", default="step,ssd,attn")
 ap.add_argument("--batch-seqs", type=int, default=64)
@@ -141,5 +214,7 @@ if "ssd" in what:
     bench_ssd(a)
 if "layer" in what:
     bench_layers(tg.Hyperparameters(), a)
+if "train" in what:
+    bench_train(tg.Hyperparameters(), a)
 if "step" in what:
     bench_step(tg.Hyperparameters(), a)
