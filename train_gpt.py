@@ -692,22 +692,24 @@ def parameter_report(model):
 # ----------------------------------------------------------------------------------------------
 
 def newton_schulz_orthogonalize(G, steps, eps=1e-7):
-    """Approximate U V^T of G = U S V^T with a quintic iteration tuned for speed over exactness."""
+    """Approximate U V^T of G = U S V^T with a quintic iteration tuned for speed over exactness.
+    G: one matrix or a stack of same-shape matrices (..., m, n), each orthogonalized on its own."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    X = X / (X.norm() + eps)
-    transposed = G.size(0) > G.size(1)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then orthogonalized updates. Ranks split the Newton-Schulz work round-robin and
-    share results with one all-reduce, so every rank applies the same update."""
+    """Momentum, then orthogonalized updates. Same-shape matrices are orthogonalized as one batch (one
+    launch per Newton-Schulz op instead of one per matrix); ranks split each batch and share the results
+    with one all-reduce, so every rank applies the same update."""
 
     def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
@@ -717,24 +719,32 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            by_shape = {}
+            for p in group["params"]:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            # the flat buffer holds, per shape, each rank's share of that shape's matrices back to back
+            order = [p for same in by_shape.values() for r in range(world) for p in same[r::world]]
+            flat = torch.zeros(sum(p.numel() for p in order), device=order[0].device, dtype=torch.float32)
             offset = 0
-            for i, p in enumerate(params):
-                if i % world == rank:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
-                    flat[offset:offset + p.numel()] = (g * max(1.0, p.size(0) / p.size(1)) ** 0.5).reshape(-1)
-                offset += p.numel()
+            for shape, same in by_shape.items():
+                for r in range(world):
+                    share = same[r::world]
+                    size = len(share) * math.prod(shape)
+                    if r == rank and share:
+                        grads = [p.grad for p in share]
+                        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in share]
+                        torch._foreach_mul_(bufs, group["momentum"])
+                        torch._foreach_add_(bufs, grads)
+                        nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
+                        g = newton_schulz_orthogonalize(torch.stack(nesterov), group["backend_steps"])
+                        flat[offset:offset + size] = (g * max(1.0, shape[0] / shape[1]) ** 0.5).reshape(-1)
+                    offset += size
             if distributed:
                 dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            updates = flat.split([p.numel() for p in order])
+            if group["weight_decay"]:
+                torch._foreach_mul_(order, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(order, [u.view_as(p).to(p.dtype) for u, p in zip(updates, order)], alpha=-group["lr"])
 
 
 def build_optimizers(model, hp):
@@ -1174,7 +1184,8 @@ def sliding_windows(lo, hi, seq_len, stride):
 
 def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
     """Summed loss (nats), target count and byte count over this rank's share of the windows.
-    With `log`, rank 0 reports progress and an ETA about every tenth of the way."""
+    Every batch has exactly batch_seqs rows (the last is padded with unscored rows), so a compiled model
+    sees one shape. With `log`, rank 0 reports progress and an ETA about every tenth of the way."""
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     mine = windows[len(windows) * ctx.rank // ctx.world_size: len(windows) * (ctx.rank + 1) // ctx.world_size]
     starts = range(0, len(mine), batch_seqs)
@@ -1185,11 +1196,10 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
             if log is not None and ctx.is_main and n and n % every == 0:
                 el = time.time() - t0
                 log(f"  eval {n}/{len(starts)} batches elapsed:{el:.0f}s eta:{el / n * (len(starts) - n):.0f}s")
-            batch = mine[i:i + batch_seqs]
-            x = torch.zeros(len(batch), seq_len, dtype=torch.int64)
+            x = torch.zeros(batch_seqs, seq_len, dtype=torch.int64)
             y = torch.zeros_like(x)
-            mask = torch.zeros(len(batch), seq_len, dtype=torch.bool)
-            for j, (s, e, done) in enumerate(batch):
+            mask = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
+            for j, (s, e, done) in enumerate(mine[i:i + batch_seqs]):
                 # right-padding is exact for a causal model: padded positions are never scored
                 x[j, :e - s] = tokens[s:e]
                 y[j, :e - s] = tokens[s + 1:e + 1]
@@ -1228,15 +1238,19 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     chunk is never trained on. Returns (val_loss, val_bpb, per-chunk stats)."""
     n, L = tokens.numel() - 1, hp.train_seq_len
     bounds = list(range(0, n, hp.ttt_chunk_tokens)) + [n]
+    # one scoring batch shape for every chunk (a compiled model compiles it once): this rank's share of a chunk
+    rows = min(batch_seqs, -(-math.ceil(hp.ttt_chunk_tokens / hp.eval_stride) // ctx.world_size))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    total, per_chunk, t0 = torch.zeros(3, dtype=torch.float64, device=ctx.device), [], time.time()
+    total, per_chunk, t0, score_s = torch.zeros(3, dtype=torch.float64, device=ctx.device), [], time.time(), 0.0
     num_chunks = len(bounds) - 1
     for ci in range(num_chunks):
         lo, hi = bounds[ci], bounds[ci + 1]
+        t_score = time.time()
         windows = sliding_windows(lo, hi, L, hp.eval_stride)
-        stats = reduce_stats(score_windows(model, tokens, windows, L, batch_seqs, ctx, luts), ctx)
+        stats = reduce_stats(score_windows(model, tokens, windows, L, rows, ctx, luts), ctx)
         per_chunk.append(stats.cpu())
+        score_s += time.time() - t_score
         total += stats
         if ci == num_chunks - 1:
             break
@@ -1271,6 +1285,8 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
                 f"elapsed:{el:.0f}s eta:{el / (ci + 1) * (num_chunks - ci - 1):.0f}s")
     model.eval()
     loss, bpb = stats_to_metrics(total)
+    el = time.time() - t0
+    log(f"ttt: {num_chunks} chunks in {el:.1f}s: scoring {score_s:.1f}s, adapting {el - score_s:.1f}s")
     return loss, bpb, per_chunk
 
 # ----------------------------------------------------------------------------------------------
@@ -1506,8 +1522,11 @@ def main():
     # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
     if ema is not None:
         ema.copy_to(base_model)
+    # evaluation runs the compiled model too (without DDP: TTT all-reduces its own gradients); every eval
+    # batch has one shape, so each of scoring and TTT's adapting compiles once
+    eval_model = model.module if ctx.distributed else model
     with clock.paused():
-        prequant_loss, prequant_bpb = evaluate(base_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
+        prequant_loss, prequant_bpb = evaluate(eval_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f}")
     t_q = time.time()
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
@@ -1526,7 +1545,7 @@ def main():
     artifact_path, artifact_bytes = write_artifact(quantized, base_model, hessians, hp, ctx, code_bytes, log)
     base_model.load_state_dict(deserialize(Path(artifact_path).read_bytes()))
     t_eval = time.time()
-    scores = final_evaluation(base_model, val_tokens, hp, batch_seqs, ctx, luts, log)
+    scores = final_evaluation(eval_model, val_tokens, hp, batch_seqs, ctx, luts, log)
     eval_seconds = time.time() - t_eval
     summary = dict(
         **scores, val_bpb_prequant=prequant_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,

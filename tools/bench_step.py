@@ -8,7 +8,10 @@ env vars:
   layer: one Mamba-2 block and one attention block, compiled, fwd+bwd, with the profiler's top kernels;
   train: train_gpt's own train_step (COMPILE as configured, real optimizers, EMA) split into its parts
          (fwd+bwd, grad clip + optimizers, EMA, the loss sync), with the profiler's top kernels.
-usage: python3 tools/bench_step.py [--what step,ssd,attn,layer,train] [--batch-seqs 64] [--iters 10] [--compile]"""
+  eval: sliding-window scoring and score-first TTT on random tokens, eager vs compiled, first call (with
+        compile) and second; run with the per-rank shapes of the real run, e.g. 8 GPUs, 32768-token TTT
+        chunks: VAL_BATCH_SIZE=65536 TTT_CHUNK_TOKENS=4096 (one rank's share on one GPU).
+usage: python3 tools/bench_step.py [--what step,ssd,attn,layer,train,eval] [--batch-seqs 64] [--iters 10] [--compile]"""
 import argparse, os, statistics, sys, time
 from pathlib import Path
 
@@ -201,11 +204,39 @@ def bench_train(hp, a):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
+def bench_eval(hp, a):
+    hp.resolve_world(1)
+    ctx = tg.Context()
+    tg.configure_kernels(hp, ctx.device, print)
+    torch.manual_seed(0)
+    base = tg.HybridGPT(hp).cuda()
+    L, batch_seqs = hp.train_seq_len, max(1, hp.val_batch_size // hp.train_seq_len)
+    tokens = torch.randint(0, hp.vocab_size, (a.eval_chunks * hp.ttt_chunk_tokens + 1,), dtype=torch.int32)
+    luts = (torch.ones(hp.vocab_size, dtype=torch.int16, device=ctx.device),
+            torch.zeros(hp.vocab_size, dtype=torch.bool, device=ctx.device), torch.ones(hp.vocab_size, dtype=torch.bool, device=ctx.device))
+    windows = len(tg.sliding_windows(0, tokens.numel() - 1, L, hp.eval_stride))
+    print(f"eval: {tokens.numel() - 1:,} tokens, {windows} sliding windows in batches of {batch_seqs}, "
+          f"{a.eval_chunks} TTT chunks of {hp.ttt_chunk_tokens}, {hp.ttt_epochs} epochs")
+    for name, model in (("eager", base), ("compiled", torch.compile(base, dynamic=False))):
+        for call in ("first", "second"):
+            t0 = time.time()
+            tg.evaluate(model, tokens, L, hp.eval_stride, batch_seqs, ctx, luts)
+            torch.cuda.synchronize()
+            s = time.time() - t0
+            print(f"eval {name} sliding {call}: {s:.1f}s, {1000 * s / -(-windows // batch_seqs):.1f} ms/batch")
+            t0 = time.time()
+            tg.evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=lambda m: print("  " + m) if m.startswith("ttt:") else None)
+            torch.cuda.synchronize()
+            s = time.time() - t0
+            print(f"eval {name} ttt {call}: {s:.1f}s, {1000 * s / a.eval_chunks:.1f} ms/chunk")
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--what", default="step,ssd,attn")
 ap.add_argument("--batch-seqs", type=int, default=64)
 ap.add_argument("--iters", type=int, default=10)
 ap.add_argument("--compile", action="store_true")
+ap.add_argument("--eval-chunks", type=int, default=64)
 a = ap.parse_args()
 what = a.what.split(",")
 if "attn" in what:
@@ -214,6 +245,8 @@ if "ssd" in what:
     bench_ssd(a)
 if "layer" in what:
     bench_layers(tg.Hyperparameters(), a)
+if "eval" in what:
+    bench_eval(tg.Hyperparameters(), a)
 if "train" in what:
     bench_train(tg.Hyperparameters(), a)
 if "step" in what:
