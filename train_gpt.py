@@ -868,6 +868,17 @@ class TrainClock:
             self.excluded += time.time() - t
 
 
+def shared_elapsed(clock, ctx):
+    """Rank 0's training clock, on every rank. The LR warmdown and the stop are placed by time, and each
+    rank's own clock differs a little: different LRs would pull the replicas apart, and a rank stopping a
+    step early would leave the others waiting in an all-reduce."""
+    if not ctx.distributed:
+        return clock.elapsed()
+    t = torch.tensor([clock.elapsed()], dtype=torch.float64, device=ctx.device)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
 def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, validate=None):
     """Steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less the GPTQ reserve).
     Returns (steps taken, EMA or None). A non-finite loss raises NonFiniteLoss at once."""
@@ -878,8 +889,11 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     step, last_finite = 0, None
-    while step < hp.iterations and not (budget and clock.elapsed() >= budget):
-        loss = train_step(model, opts, loader, hp, ctx, step, clock.elapsed(), budget)
+    while step < hp.iterations:
+        elapsed = shared_elapsed(clock, ctx)
+        if budget and elapsed >= budget:
+            break
+        loss = train_step(model, opts, loader, hp, ctx, step, elapsed, budget)
         check_finite(loss, step, last_finite)
         last_finite = (step, loss)
         if ema is not None:

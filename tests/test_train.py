@@ -112,3 +112,44 @@ def test_smoke_outside_the_project_says_what_is_missing(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "SMOKE=1 needs" in r.stderr and "data/smoke_corpus.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def _loop_with_skewed_clock(rank, world_size, data_dir, port, out_dir):
+    import datetime
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a short collective timeout: a rank left waiting in an all-reduce fails the test instead of hanging it
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=60))
+    ctx = tg.Context()
+    hp = tg.Hyperparameters(dict(SMOKE="1", TRAIN_BATCH_TOKENS="512", TRAIN_SEQ_LEN="32", MODEL_DIM="32", NUM_HEADS="2",
+                                 NUM_KV_HEADS="1", MAMBA_HEADDIM="16", MAMBA_CHUNK_SIZE="16", GRAD_ACCUM_STEPS="1",
+                                 ITERATIONS="100000", WARMDOWN_ITERS="100000", MAX_WALLCLOCK_SECONDS="3",
+                                 GPTQ_RESERVE_SECONDS="0", EMA_DECAY="0", TRAIN_LOG_EVERY="100000", EVAL_STRIDE="16"))
+    hp.resolve_world(world_size)
+    torch.manual_seed(0)
+    model = tg.HybridGPT(hp)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opts = tg.build_optimizers(model, hp)
+    loader = tg.DistributedTokenLoader(tg.shard_files(data_dir, "train"), rank, world_size, ctx.device)
+    clock = tg.TrainClock()
+    clock.start -= 0.4 * rank  # rank 1's clock runs 0.4 s ahead, as if it had started earlier
+    steps, _ = tg.train_loop(ddp, model, opts, loader, hp, ctx, clock, lambda m: None)
+    torch.save({"steps": steps, "state": model.state_dict()}, os.path.join(out_dir, f"r{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_share_one_clock_for_the_schedule_and_the_stop(tmp_path):
+    """The warmdown and the stop are placed by time: with each rank reading its own (skewed) clock the
+    ranks would use different LRs and stop at different steps (one left hanging in an all-reduce)."""
+    import socket
+    import torch.multiprocessing as mp
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 320, 40000))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_loop_with_skewed_clock, args=(2, str(tmp_path), port, str(tmp_path)), nprocs=2)
+    r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
+    assert r0["steps"] == r1["steps"] > 1
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks differ at {k}"
