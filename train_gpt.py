@@ -1172,8 +1172,9 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
         f"{len(blob):,} model bytes: " + ", ".join(f"{n}={k}" for n, k in lowered.items()))
     if len(blob) > limit_bytes:
         raise SystemExit(f"the model is {len(blob):,} bytes even with its matrices at QUANT_MIN_BITS={min_bits}, "
-                         f"over the cap of {limit_bytes:,} model bytes: allow fewer bits or shrink the model "
-                         "(NUM_LAYERS, MODEL_DIM, MLP_MULT, MAMBA_EXPAND, VOCAB_SIZE)")
+                         f"over the cap of {limit_bytes:,} model bytes: "
+                         + ("allow fewer bits (QUANT_MIN_BITS=4) or " if min_bits > 4 else "")
+                         + "shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, MAMBA_EXPAND, VOCAB_SIZE)")
     return blob
 
 
@@ -1287,9 +1288,11 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
                 else:  # this rank has no sequence here; it still joins the gradient all-reduce
                     for p in params:
                         p.grad = torch.zeros_like(p)
-                if ctx.distributed:
-                    for p in params:
-                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                if ctx.distributed:  # one all-reduce for all gradients, not one per tensor
+                    flat = torch.cat([p.grad.reshape(-1) for p in params])
+                    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+                    for p, g in zip(params, flat.split([p.numel() for p in params])):
+                        p.grad.copy_(g.view_as(p))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -1329,6 +1332,9 @@ def compile_model(model, mode):
     if mode == 1:
         return torch.compile(model, dynamic=False)
     if mode == 2:
+        # one cache entry per block kind x shape x grad mode (training, scoring, TTT): more than dynamo's
+        # default of 8 when attention and Mamba blocks both train, score and adapt
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         for block in model.blocks:
             block.compile(dynamic=False)
     return model

@@ -372,3 +372,42 @@ def test_ttt_config_needs_a_stride():
         make_hp(EVAL_STRIDE=0)
     with pytest.raises(tg.ConfigError, match="EVAL_STRIDE"):
         make_hp(EVAL_STRIDE=SEQ + 1)
+
+
+def _ttt_rank(rank, world_size, port, out_dir):
+    import datetime
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), distributed=True, rank=rank, world_size=world_size,
+                                is_main=rank == 0)
+    _ttt_once(ctx, out_dir)
+    torch.distributed.destroy_process_group()
+
+
+def _ttt_once(ctx, out_dir):
+    hp = make_hp()
+    model = make_model(hp)
+    luts = (torch.ones(VOCAB, dtype=torch.int16), torch.zeros(VOCAB, dtype=torch.bool), torch.ones(VOCAB, dtype=torch.bool))
+    tokens = random_tokens(NTTT, seed=5)
+    loss, bpb, _ = tg.evaluate_ttt(model, tokens, hp, 2 // ctx.world_size, ctx, luts, log=lambda msg: None)
+    torch.save({"loss": loss, "state": model.state_dict()}, f"{out_dir}/ttt_w{ctx.world_size}_r{ctx.rank}.pt")
+
+
+def test_two_rank_ttt_equals_one_process(tmp_path):
+    """Ranks score their share of each chunk's windows and adapt on their share of its sequences with
+    averaged gradients (one flat all-reduce): the result is the one-process result, on every rank."""
+    import socket
+    import torch.multiprocessing as mp
+    _ttt_once(CTX, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ttt_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    one, r0, r1 = (torch.load(tmp_path / f) for f in ("ttt_w1_r0.pt", "ttt_w2_r0.pt", "ttt_w2_r1.pt"))
+    assert r0["loss"] == r1["loss"] and r0["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    for k in one["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks differ at {k}"
+        torch.testing.assert_close(r0["state"][k], one["state"][k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any(not torch.equal(one["state"][k], v) for k, v in make_model(make_hp()).state_dict().items()), "TTT trained"

@@ -421,5 +421,6 @@ def test_fit_to_cap_stops_loudly_when_min_bits_is_not_enough(calibrated, quantiz
     model, _, hessians, _ = calibrated
     with pytest.raises(SystemExit, match=r"QUANT_MIN_BITS=6, over the cap of [\d,]+ model bytes: allow fewer bits"):
         tg.fit_to_cap(quantized, model, hessians, len(blob) - 1, min_bits=6, log=lambda m: None)
-    with pytest.raises(SystemExit, match="QUANT_MIN_BITS=4"):
+    with pytest.raises(SystemExit, match="QUANT_MIN_BITS=4") as e:
         tg.fit_to_cap(quantized, model, hessians, 1000, log=lambda m: None)
+    assert "allow fewer bits" not in str(e.value) and "shrink the model" in str(e.value)  # 4 is the floor
