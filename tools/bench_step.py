@@ -153,7 +153,11 @@ def bench_train(hp, a):
     torch.manual_seed(0)
     base = tg.HybridGPT(hp).cuda()
     model = tg.compile_model(base, hp.compile)
-    opts, ema, loader = tg.build_optimizers(base, hp), tg.EMA(base, hp.ema_decay), RandomTokens(hp.vocab_size)
+    opts, ema = tg.build_optimizers(base, hp), tg.EMA(base, hp.ema_decay)
+    # real shards (a skewed token distribution: hot embedding rows in the backward) or uniform random ids
+    loader = (tg.DistributedTokenLoader(tg.shard_files(a.data, "train"), 0, 1, ctx.device) if a.data
+              else RandomTokens(hp.vocab_size))
+    print(f"train: tokens from {a.data or 'uniform random ids'}")
     x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len)
 
     def fwd_bwd():
@@ -237,6 +241,7 @@ ap.add_argument("--batch-seqs", type=int, default=64)
 ap.add_argument("--iters", type=int, default=10)
 ap.add_argument("--compile", action="store_true")
 ap.add_argument("--eval-chunks", type=int, default=64)
+ap.add_argument("--data", default="", help="train: a shard folder to read tokens from instead of random ids")
 a = ap.parse_args()
 what = a.what.split(",")
 if "attn" in what:
