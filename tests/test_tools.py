@@ -1,5 +1,8 @@
-"""tools/: the proxy table maker (the GPU tools need a GPU and run on the device only)."""
+"""tools/: the proxy table maker and the side-by-side launcher (the GPU tools need a GPU and run on the
+device only; the launcher is tested here with a stand-in for the proxy runner, which needs a GPU)."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +33,44 @@ def test_rows_show_only_model_differences_and_the_table_averages_seeds(tmp_path)
     text = proxy_table.table(list(rows.values()))
     assert "| hybrid-default | 2 | 1.4500 |" in text and "| attention-only | 1 | 1.4000 |" in text
     assert "| attention-only | 1 | MAMBA_LAYERS= NUM_LAYERS=7 | 150 | 700 | 170.0 |" in text
+
+
+# A stand-in for .bench/run_proxy.sh (which needs a GPU): it records the environment it was given as the
+# summary the real runner would write, and for one label writes nothing, as a crashed run would.
+STUB_RUNNER = r'''
+if [ "$RUN_ID" = "crashed-seed1337" ]; then exit 1; fi
+python3 -c "import json, os; d = {k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'NGPU', 'SEED', 'RUN_ID', 'MAMBA_LAYERS', 'NUM_LAYERS', 'MAX_WALLCLOCK_SECONDS')}; d.update(steps=10, step_ms=1.5, val_bpb_prequant=1.2, val_bpb_roundtrip=1.21, val_bpb=1.19, artifact_bytes=123); json.dump(d, open(os.path.join(os.environ['OUT'], os.environ['RUN_ID'] + '.json'), 'w'))"
+'''
+
+
+def side_by_side(tmp_path, *specs, gpus=4):
+    (tmp_path / "runner.sh").write_text(STUB_RUNNER)
+    env = dict(os.environ, PROXY_RUNNER=str(tmp_path / "runner.sh"), PROXY_GPUS=str(gpus), OUT=str(tmp_path / "out"),
+               MAX_WALLCLOCK_SECONDS="150")
+    script = Path(__file__).resolve().parents[1] / "tools" / "proxy_side_by_side.sh"
+    return subprocess.run(["bash", str(script), *specs], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_side_by_side_gives_each_run_its_gpu_settings_and_seeded_run_id(tmp_path):
+    r = side_by_side(tmp_path, "hybrid-default", "attention-only MAMBA_LAYERS= NUM_LAYERS=7",
+                     "attention-only SEED=42 MAMBA_LAYERS= NUM_LAYERS=7", "crashed")
+    assert r.returncode == 0, r.stderr
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    assert set(runs) == {"hybrid-default-seed1337", "attention-only-seed1337", "attention-only-seed42"}
+    assert runs["hybrid-default-seed1337"]["CUDA_VISIBLE_DEVICES"] == "0" and runs["hybrid-default-seed1337"]["MAMBA_LAYERS"] is None
+    a, b = runs["attention-only-seed1337"], runs["attention-only-seed42"]
+    assert (a["CUDA_VISIBLE_DEVICES"], a["SEED"], a["MAMBA_LAYERS"], a["NUM_LAYERS"]) == ("1", "1337", "", "7")
+    assert (b["CUDA_VISIBLE_DEVICES"], b["SEED"]) == ("2", "42")
+    assert all(run["NGPU"] == "1" and run["MAX_WALLCLOCK_SECONDS"] == "150" for run in runs.values())
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("hybrid-default-seed1337: steps 10 step_ms 1.5 prequant 1.2000") and "artifact 123" in lines[0]
+    assert lines[3].startswith("crashed-seed1337: no summary")
+
+
+def test_side_by_side_refuses_bad_input_before_starting_anything(tmp_path):
+    for specs, message in ((("a", "b", "c"), "3 runs but 2 GPUs"),
+                           (("NUM_LAYERS=7",), "must start with a label"),
+                           (("attention-only layers7",), "'layers7' in 'attention-only layers7' is not a VAR=value")):
+        r = side_by_side(tmp_path, *specs, gpus=2)
+        assert r.returncode == 2 and message in r.stderr, (specs, r.stderr)
+        assert not (tmp_path / "out").exists()

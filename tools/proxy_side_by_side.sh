@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Several proxy runs at once on the GPU machine, one GPU each, so that they share machine, budget and
+# time (the issue protocol's "side by side"). Run from the project root with .bench carried. Each
+# argument is a label, then that run's settings; SEED defaults to 1337:
+#   bash tools/proxy_side_by_side.sh 'hybrid-default' 'attention-only MAMBA_LAYERS= NUM_LAYERS=7' \
+#                                    'hybrid-default SEED=42' 'attention-only SEED=42 MAMBA_LAYERS= NUM_LAYERS=7'
+# Settings shared by all runs come from the environment (e.g. MAX_WALLCLOCK_SECONDS=150 TTT_ENABLED=0).
+# Run i gets GPU i and RUN_ID <label>-seed<SEED>; the runner writes $OUT/<RUN_ID>.{log,json}, ready to copy to
+# results/proxy/<kind>/. Each run stops after PROXY_TIMEOUT seconds (default 540). Prints a line per run.
+set -uo pipefail
+runner=${PROXY_RUNNER:-.bench/run_proxy.sh}
+timeout_s=${PROXY_TIMEOUT:-540}
+out=${OUT:-/tmp/proxy_out}
+gpus=${PROXY_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+if [ $# -eq 0 ]; then
+  echo "usage: $0 'LABEL [VAR=value ...]' ... (one run per GPU)" >&2; exit 2
+fi
+if [ $# -gt "$gpus" ]; then
+  echo "error: $# runs but $gpus GPUs: one run per GPU" >&2; exit 2
+fi
+for spec in "$@"; do
+  read -r -a words <<< "$spec"
+  if [[ ${#words[@]} -eq 0 || ${words[0]} == *=* ]]; then
+    echo "error: '$spec' must start with a label, e.g. 'attention-only MAMBA_LAYERS= NUM_LAYERS=7'" >&2; exit 2
+  fi
+  for w in "${words[@]:1}"; do
+    if [[ $w != [A-Z]*=* ]]; then
+      echo "error: '$w' in '$spec' is not a VAR=value setting" >&2; exit 2
+    fi
+  done
+done
+mkdir -p "$out"
+gpu=0
+ids=()
+for spec in "$@"; do
+  read -r -a words <<< "$spec"
+  seed=1337
+  for w in "${words[@]:1}"; do [[ $w == SEED=* ]] && seed=${w#SEED=}; done
+  id="${words[0]}-seed$seed"
+  ids+=("$id")
+  env "${words[@]:1}" SEED="$seed" NGPU=1 CUDA_VISIBLE_DEVICES=$gpu RUN_ID="$id" OUT="$out" \
+    timeout "$timeout_s" bash "$runner" > "$out/$id.console" 2>&1 &
+  gpu=$((gpu + 1))
+done
+wait
+for id in "${ids[@]}"; do
+  python3 - "$out/$id.json" "$id" <<'EOF'
+import json, sys
+path, run_id = sys.argv[1], sys.argv[2]
+try:
+    s = json.load(open(path))
+except (OSError, ValueError):
+    print(f"{run_id}: no summary (see {path[:-5]}.log)")
+    sys.exit(0)
+print(f"{run_id}: steps {s['steps']} step_ms {s['step_ms']} prequant {s['val_bpb_prequant']:.4f} "
+      f"roundtrip {s['val_bpb_roundtrip']:.4f} val_bpb {s['val_bpb']:.4f} artifact {s['artifact_bytes']:,}")
+EOF
+done
