@@ -411,3 +411,29 @@ def test_two_rank_ttt_equals_one_process(tmp_path):
         assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks differ at {k}"
         torch.testing.assert_close(r0["state"][k], one["state"][k], rtol=1e-4, atol=1e-6, msg=k)
     assert any(not torch.equal(one["state"][k], v) for k, v in make_model(make_hp()).state_dict().items()), "TTT trained"
+
+
+class ShapeRecorder(torch.nn.Module):
+    """The model, recording the (shape, grad mode) of every call: a compiled model compiles once per pair."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, set()
+
+    def forward(self, x, y):
+        self.calls.add((tuple(x.shape), torch.is_grad_enabled()))
+        return self.model(x, y)
+
+
+def test_each_evaluation_use_has_one_batch_shape(model, hp, luts):
+    """Compiled evaluation compiles once per shape: plain and sliding scoring pad every batch to
+    batch_seqs rows, TTT scores every chunk (the last, shorter one too) with one shape and adapts with one."""
+    tokens = random_tokens(4 * CHUNK + 21, seed=8)  # 4 full chunks and a short fifth
+    rec = ShapeRecorder(copy.deepcopy(model))
+    tg.evaluate(rec, tokens, SEQ, SEQ, 3, CTX, luts)
+    tg.evaluate(rec, tokens, SEQ, STRIDE, 3, CTX, luts)
+    assert rec.calls == {((3, SEQ), False)}
+    rec.calls.clear()
+    tg.evaluate_ttt(rec, tokens, hp, 8, CTX, luts, log=lambda msg: None)
+    rows = math.ceil(CHUNK / STRIDE)  # a chunk's windows, fewer than batch_seqs
+    assert rec.calls == {((rows, SEQ), False), ((CHUNK // SEQ, SEQ), True)}
