@@ -868,13 +868,13 @@ class TrainClock:
             self.excluded += time.time() - t
 
 
-def shared_elapsed(clock, ctx):
-    """Rank 0's training clock, on every rank. The LR warmdown and the stop are placed by time, and each
-    rank's own clock differs a little: different LRs would pull the replicas apart, and a rank stopping a
-    step early would leave the others waiting in an all-reduce."""
+def rank0_value(value, ctx):
+    """Rank 0's value of a number, on every rank: for decisions taken by the clock, which differs a little
+    from rank to rank. Different warmdown LRs would pull the replicas apart, a rank stopping a step early
+    would leave the others waiting in an all-reduce, and ranks must agree on which matrices get GPTQ."""
     if not ctx.distributed:
-        return clock.elapsed()
-    t = torch.tensor([clock.elapsed()], dtype=torch.float64, device=ctx.device)
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
     dist.broadcast(t, 0)
     return t.item()
 
@@ -890,7 +890,7 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
         torch.cuda.reset_peak_memory_stats()
     step, last_finite = 0, None
     while step < hp.iterations:
-        elapsed = shared_elapsed(clock, ctx)
+        elapsed = rank0_value(clock.elapsed(), ctx)
         if budget and elapsed >= budget:
             break
         loss = train_step(model, opts, loader, hp, ctx, step, elapsed, budget)
@@ -1035,15 +1035,16 @@ def collect_hessians(model, batches, ctx, names):
     return hessians
 
 
-def quantize_matrix(w, H, kind, clip=True, deadline=None):
-    """-> (q, scale, on_time): GPTQ where a Hessian exists and the deadline allows, else round-to-nearest."""
-    if H is not None and (deadline is None or time.time() < deadline):
+def quantize_matrix(w, H, kind, clip=True, deadline=None, agree=bool):
+    """-> (q, scale, on_time): GPTQ where a Hessian exists and the deadline allows, else round-to-nearest.
+    `agree` turns this rank's "still in time" into the decision all ranks share."""
+    if H is not None and agree(deadline is None or time.time() < deadline):
         q, s = quantize_gptq(w.to(H.device), H, QMAX[kind], clip=clip)
         return q.cpu(), s.cpu(), True
     return (*quantize_rtn(w, QMAX[kind]), H is None)
 
 
-def quantize_model(model, hessians, deadline=None, log=print, clip=True):
+def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool):
     """-> {name: (kind, q, scale)}: int6 via GPTQ where a Hessian exists (RTN past the deadline), int8
     round-to-nearest for embeddings, float (q = the tensor, scale None) for the rest."""
     out, late = {}, 0
@@ -1051,7 +1052,7 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True):
         w = p.detach().float().cpu()
         kind = quant_kind(name, p)
         if kind == "int6":
-            q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline)
+            q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline, agree)
             late += not on_time
             out[name] = (kind, q, s)
         elif kind == "int8":
@@ -1557,7 +1558,8 @@ def main():
                for i in range(0, ncal, batch_seqs)]
         hessians = collect_hessians(base_model, cal, ctx, names)
     deadline = time.time() + cap - clock.elapsed() if cap > 0 else None
-    quantized = quantize_model(base_model, hessians, deadline, log, clip=hp.gptq_clip_search)
+    quantized = quantize_model(base_model, hessians, deadline, log, clip=hp.gptq_clip_search,
+                               agree=lambda in_time: bool(rank0_value(in_time, ctx)))
     train_seconds = clock.elapsed()
     log(f"gptq: {len(hessians)} matrices with Hessians, {time.time() - t_q:.1f}s; train_seconds:{train_seconds:.1f}"
         + (f" (cap {cap:.0f}s)" if cap else ""))

@@ -308,6 +308,40 @@ def test_quantize_model_falls_back_to_rtn_past_the_deadline(calibrated):
     assert len(logs) == 1 and "WARNING" in logs[0] and f"{len(hessians)} matrices" in logs[0]
 
 
+def _quantize_on_rank(rank, world_size, port, out_dir):
+    import datetime
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), distributed=True, rank=rank, world_size=world_size)
+    model, hp = small_model(seed=0)
+    g = torch.Generator().manual_seed(123)
+    batches = [(torch.randint(0, hp.vocab_size, (4, hp.train_seq_len), generator=g),) * 2 for _ in range(2)]
+    names = [n for n, p in model.state_dict().items() if tg.quant_kind(n, p) == "int6"]
+    hessians = tg.collect_hessians(model, batches, ctx, names)
+    logs = []
+    # rank 1's clock says GPTQ's time is up, rank 0's that it is not: rank 0 decides for both
+    out = tg.quantize_model(model, hessians, deadline=None if rank == 0 else 0.0, log=logs.append,
+                            agree=lambda in_time: bool(tg.rank0_value(in_time, ctx)))
+    torch.save({"q": {n: out[n][1] for n in names}, "logs": logs}, f"{out_dir}/q_r{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_which_matrices_get_gptq(tmp_path):
+    """Near the deadline each rank's clock could send a matrix to GPTQ on one rank and to round-to-nearest on
+    another; rank 0's decision is taken by all, so every rank builds the same artifact."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_quantize_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = torch.load(tmp_path / "q_r0.pt"), torch.load(tmp_path / "q_r1.pt")
+    assert r0["logs"] == r1["logs"] == []  # no fallback anywhere: rank 0 was in time
+    assert r0["q"].keys() == r1["q"].keys() and all(torch.equal(r0["q"][n], r1["q"][n]) for n in r0["q"])
+
+
 def test_artifact_format_is_lzma_json_raw(quantized, blob):
     assert isinstance(blob, bytes) and blob.startswith(XZ_MAGIC)
     raw = lzma.decompress(blob)
