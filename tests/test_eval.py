@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from util import randomize_weights
+from util import free_port, join_gloo, randomize_weights
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -375,13 +375,7 @@ def test_ttt_config_needs_a_stride():
 
 
 def _ttt_rank(rank, world_size, port, out_dir):
-    import datetime
-    import os
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), distributed=True, rank=rank, world_size=world_size,
-                                is_main=rank == 0)
+    ctx = join_gloo(rank, world_size, port)
     _ttt_once(ctx, out_dir)
     torch.distributed.destroy_process_group()
 
@@ -398,13 +392,9 @@ def _ttt_once(ctx, out_dir):
 def test_two_rank_ttt_equals_one_process(tmp_path):
     """Ranks score their share of each chunk's windows and adapt on their share of its sequences with
     averaged gradients (one flat all-reduce): the result is the one-process result, on every rank."""
-    import socket
     import torch.multiprocessing as mp
     _ttt_once(CTX, tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ttt_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_ttt_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
     one, r0, r1 = (torch.load(tmp_path / f) for f in ("ttt_w1_r0.pt", "ttt_w2_r0.pt", "ttt_w2_r1.pt"))
     assert r0["loss"] == r1["loss"] and r0["loss"] == pytest.approx(one["loss"], rel=1e-5)
     for k in one["state"]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from util import randomize_weights
+from util import free_port, join_gloo, randomize_weights
 
 CTX = types.SimpleNamespace(device=torch.device("cpu"), distributed=False, rank=0, world_size=1, is_main=True)
 # Two layers: layer 0 Mamba-2, layer 1 attention + MLP; SMOKE supplies the other small defaults.
@@ -309,12 +309,7 @@ def test_quantize_model_falls_back_to_rtn_past_the_deadline(calibrated):
 
 
 def _quantize_on_rank(rank, world_size, port, out_dir):
-    import datetime
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), distributed=True, rank=rank, world_size=world_size)
+    ctx = join_gloo(rank, world_size, port)
     model, hp = small_model(seed=0)
     g = torch.Generator().manual_seed(123)
     batches = [(torch.randint(0, hp.vocab_size, (4, hp.train_seq_len), generator=g),) * 2 for _ in range(2)]
@@ -331,12 +326,8 @@ def _quantize_on_rank(rank, world_size, port, out_dir):
 def test_ranks_agree_on_which_matrices_get_gptq(tmp_path):
     """Near the deadline each rank's clock could send a matrix to GPTQ on one rank and to round-to-nearest on
     another; rank 0's decision is taken by all, so every rank builds the same artifact."""
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_quantize_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_quantize_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = torch.load(tmp_path / "q_r0.pt"), torch.load(tmp_path / "q_r1.pt")
     assert r0["logs"] == r1["logs"] == []  # no fallback anywhere: rank 0 was in time
     assert r0["q"].keys() == r1["q"].keys() and all(torch.equal(r0["q"][n], r1["q"][n]) for n in r0["q"])

@@ -1,6 +1,5 @@
 """OPTIMIZERS and the training step: groups, exactly-once updates, DDP equals one process."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from util import make_hp, write_shard
+from util import free_port, make_hp, write_shard
 
 
 def test_every_parameter_in_exactly_one_group():
@@ -73,12 +72,6 @@ def test_lr_schedule_warmup_and_warmdown():
     assert tg.lr_scale(410, 410.0, hp, 400.0) == 0.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(rank, world_size, data_dir, env, steps, out_dir, port):
     if world_size > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -101,7 +94,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 320, 40000))
     env = {"SMOKE": "1", "TRAIN_BATCH_TOKENS": "1024", "TRAIN_SEQ_LEN": "64", "MODEL_DIM": "32", "NUM_HEADS": "2",
            "NUM_KV_HEADS": "1", "MAMBA_HEADDIM": "16", "MAMBA_CHUNK_SIZE": "16", "LR_WARMUP_STEPS": "0"}
-    port = _free_port()
+    port = free_port()
     # one process, two micro-batches  vs  two processes, one micro-batch each: the same global batch
     _train(0, 1, str(tmp_path), dict(env, GRAD_ACCUM_STEPS="2"), 3, str(tmp_path), port)
     mp.spawn(_train, args=(2, str(tmp_path), dict(env, GRAD_ACCUM_STEPS="1"), 3, str(tmp_path), port), nprocs=2)
@@ -157,7 +150,7 @@ def _sync_check(rank, world_size, port, perturb, out_dir):
 
 @pytest.mark.parametrize("perturb", [False, True])
 def test_rank_sync_check_passes_identical_ranks_and_catches_divergence(tmp_path, perturb):
-    mp.spawn(_sync_check, args=(2, _free_port(), perturb, str(tmp_path)), nprocs=2)
+    mp.spawn(_sync_check, args=(2, free_port(), perturb, str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         text = (tmp_path / f"sync_{int(perturb)}_r{rank}.txt").read_text()
         if perturb:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from util import CPUContext, make_hp, write_shard
+from util import CPUContext, free_port, join_gloo, make_hp, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,13 +115,7 @@ def test_smoke_outside_the_project_says_what_is_missing(tmp_path):
 
 
 def _loop_with_skewed_clock(rank, world_size, data_dir, port, out_dir):
-    import datetime
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # a short collective timeout: a rank left waiting in an all-reduce fails the test instead of hanging it
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,
-                                         timeout=datetime.timedelta(seconds=60))
-    ctx = tg.Context()
+    ctx = join_gloo(rank, world_size, port)
     hp = tg.Hyperparameters(dict(SMOKE="1", TRAIN_BATCH_TOKENS="512", TRAIN_SEQ_LEN="32", MODEL_DIM="32", NUM_HEADS="2",
                                  NUM_KV_HEADS="1", MAMBA_HEADDIM="16", MAMBA_CHUNK_SIZE="16", GRAD_ACCUM_STEPS="1",
                                  ITERATIONS="100000", WARMDOWN_ITERS="100000", MAX_WALLCLOCK_SECONDS="3",
@@ -142,13 +136,9 @@ def _loop_with_skewed_clock(rank, world_size, data_dir, port, out_dir):
 def test_ranks_share_one_clock_for_the_schedule_and_the_stop(tmp_path):
     """The warmdown and the stop are placed by time: with each rank reading its own (skewed) clock the
     ranks would use different LRs and stop at different steps (one left hanging in an all-reduce)."""
-    import socket
     import torch.multiprocessing as mp
     write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 320, 40000))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_loop_with_skewed_clock, args=(2, str(tmp_path), port, str(tmp_path)), nprocs=2)
+    mp.spawn(_loop_with_skewed_clock, args=(2, str(tmp_path), free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
     assert r0["steps"] == r1["steps"] > 1
     for k in r0["state"]:

@@ -1,4 +1,8 @@
 """Small shared helpers for the tests: tiny configurations, a CPU context, shard files."""
+import datetime
+import os
+import socket
+
 import numpy as np
 import torch
 
@@ -16,6 +20,21 @@ class CPUContext:
     def __init__(self, rank=0, world_size=1):
         self.device, self.rank, self.world_size = torch.device("cpu"), rank, world_size
         self.distributed, self.is_main, self.local_rank = world_size > 1, rank == 0, 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo(rank, world_size, port):
+    """Inside an mp.spawn worker: join a CPU process group, with a short collective timeout so that a rank
+    left waiting in an all-reduce fails the test instead of hanging it. Returns the rank's CPUContext."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    return CPUContext(rank, world_size)
 
 
 def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None):
