@@ -723,22 +723,21 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 by_shape.setdefault(tuple(p.shape), []).append(p)
             # the flat buffer holds, per shape, each rank's share of that shape's matrices back to back
-            order = [p for same in by_shape.values() for r in range(world) for p in same[r::world]]
+            shares = [(r, same[r::world]) for same in by_shape.values() for r in range(world) if same[r::world]]
+            order = [p for _, share in shares for p in share]
             flat = torch.zeros(sum(p.numel() for p in order), device=order[0].device, dtype=torch.float32)
             offset = 0
-            for shape, same in by_shape.items():
-                for r in range(world):
-                    share = same[r::world]
-                    size = len(share) * math.prod(shape)
-                    if r == rank and share:
-                        grads = [p.grad for p in share]
-                        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in share]
-                        torch._foreach_mul_(bufs, group["momentum"])
-                        torch._foreach_add_(bufs, grads)
-                        nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-                        g = newton_schulz_orthogonalize(torch.stack(nesterov), group["backend_steps"])
-                        flat[offset:offset + size] = (g * max(1.0, shape[0] / shape[1]) ** 0.5).reshape(-1)
-                    offset += size
+            for r, share in shares:
+                size = sum(p.numel() for p in share)
+                if r == rank:
+                    grads = [p.grad for p in share]
+                    bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in share]
+                    torch._foreach_mul_(bufs, group["momentum"])
+                    torch._foreach_add_(bufs, grads)
+                    nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
+                    g = newton_schulz_orthogonalize(torch.stack(nesterov), group["backend_steps"])
+                    flat[offset:offset + size] = (g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5).reshape(-1)
+                offset += size
             if distributed:
                 dist.all_reduce(flat)
             updates = flat.split([p.numel() for p in order])
@@ -1255,7 +1254,7 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     n, L = tokens.numel() - 1, hp.train_seq_len
     bounds = list(range(0, n, hp.ttt_chunk_tokens)) + [n]
     # one scoring batch shape for every chunk (a compiled model compiles it once): this rank's share of a chunk
-    rows = min(batch_seqs, -(-math.ceil(hp.ttt_chunk_tokens / hp.eval_stride) // ctx.world_size))
+    rows = min(batch_seqs, math.ceil(math.ceil(hp.ttt_chunk_tokens / hp.eval_stride) / ctx.world_size))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
     total, per_chunk, t0, score_s = torch.zeros(3, dtype=torch.float64, device=ctx.device), [], time.time(), 0.0
