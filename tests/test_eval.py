@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from util import free_port, join_gloo, randomize_weights
+from util import free_port, join_gloo, leave_gloo, randomize_weights
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -377,7 +377,7 @@ def test_ttt_config_needs_a_stride():
 def _ttt_rank(rank, world_size, port, out_dir):
     ctx = join_gloo(rank, world_size, port)
     _ttt_once(ctx, out_dir)
-    torch.distributed.destroy_process_group()
+    leave_gloo()
 
 
 def _ttt_once(ctx, out_dir):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from util import free_port, join_gloo, randomize_weights
+from util import free_port, join_gloo, leave_gloo, randomize_weights
 
 CTX = types.SimpleNamespace(device=torch.device("cpu"), distributed=False, rank=0, world_size=1, is_main=True)
 # Two layers: layer 0 Mamba-2, layer 1 attention + MLP; SMOKE supplies the other small defaults.
@@ -320,7 +320,7 @@ def _quantize_on_rank(rank, world_size, port, out_dir):
     out = tg.quantize_model(model, hessians, deadline=None if rank == 0 else 0.0, log=logs.append,
                             agree=lambda in_time: bool(tg.rank0_value(in_time, ctx)))
     torch.save({"q": {n: out[n][1] for n in names}, "logs": logs}, f"{out_dir}/q_r{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_gloo()
 
 
 def test_ranks_agree_on_which_matrices_get_gptq(tmp_path):

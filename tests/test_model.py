@@ -108,13 +108,13 @@ def test_whole_model_is_causal(layers, extra):
 
 
 def test_layer_map_and_skips():
-    hp = make_hp(NUM_LAYERS=5, MAMBA_LAYERS="0,1,3")
+    hp = make_hp(NUM_LAYERS=5, MAMBA_LAYERS="0,1,3", MAMBA_MLP=0)
     model = tg.HybridGPT(hp)
     assert model.is_mamba == [True, True, False, True, False]
     assert model.skip_map() == {2: 1, 3: 0}
     assert isinstance(model.blocks[2].mixer, tg.Attention) and isinstance(model.blocks[0].mixer, tg.Mamba2)
     assert model.blocks[0].mlp is None and model.blocks[2].mlp is not None
-    assert make_hp(MAMBA_MLP=1).mamba_mlp and tg.HybridGPT(make_hp(MAMBA_MLP=1)).blocks[0].mlp is not None
+    assert make_hp().mamba_mlp and tg.HybridGPT(make_hp()).blocks[0].mlp is not None  # MAMBA_MLP=1, the default
 
 
 def test_mamba2_block_shapes_and_parameters():

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from util import free_port, make_hp, write_shard
+from util import free_port, leave_gloo, make_hp, write_shard
 
 
 def test_every_parameter_in_exactly_one_group():
@@ -87,7 +87,7 @@ def _train(rank, world_size, data_dir, env, steps, out_dir, port):
     losses = [tg.train_step(ddp, opts, loader, hp, ctx, s, 0.0, 0.0) for s in range(steps)]
     torch.save({"state": model.state_dict(), "losses": losses}, os.path.join(out_dir, f"w{world_size}_r{rank}.pt"))
     if ctx.distributed:
-        torch.distributed.destroy_process_group()
+        leave_gloo()
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
@@ -145,7 +145,7 @@ def _sync_check(rank, world_size, port, perturb, out_dir):
         outcome = str(e)
     with open(os.path.join(out_dir, f"sync_{int(perturb)}_r{rank}.txt"), "w") as f:
         f.write(outcome + "\n" + "\n".join(lines))
-    torch.distributed.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.parametrize("perturb", [False, True])

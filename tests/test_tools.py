@@ -23,16 +23,19 @@ def test_rows_show_only_model_differences_and_the_table_averages_seeds(tmp_path)
     files = []
     for name, s in (("hybrid-default-seed1.json", summary(1.44, SEED=1)),
                     ("hybrid-default-seed2.json", summary(1.46, SEED=2, TRAIN_LOG_EVERY=50)),
-                    ("attention-only-seed1.json", summary(1.40, MAMBA_LAYERS="", NUM_LAYERS=7))):
+                    ("attention-only-seed1.json", summary(1.40, MAMBA_LAYERS="", NUM_LAYERS=9, MAMBA_D_STATE=99)),
+                    ("mamba-wide-seed1.json", summary(1.42, MAMBA_D_STATE=99))):
         (tmp_path / name).write_text(json.dumps(s))
         files.append(tmp_path / name)
     rows = {(r["label"], r["seed"]): r for r in proxy_table.rows(files)}
     assert rows[("hybrid-default", 1)]["diff"] == "defaults"
     assert rows[("hybrid-default", 2)]["diff"] == "defaults"  # logging cadence is not a model difference
-    assert rows[("attention-only", 1)]["diff"] == "MAMBA_LAYERS= NUM_LAYERS=7"
+    # without Mamba layers the MAMBA_* knobs are not differences; with them they are
+    assert rows[("attention-only", 1)]["diff"] == "MAMBA_LAYERS= NUM_LAYERS=9"
+    assert rows[("mamba-wide", 1)]["diff"] == "MAMBA_D_STATE=99"
     text = proxy_table.table(list(rows.values()))
     assert "| hybrid-default | 2 | 1.4500 |" in text and "| attention-only | 1 | 1.4000 |" in text
-    assert "| attention-only | 1 | MAMBA_LAYERS= NUM_LAYERS=7 | 150 | 700 | 170.0 |" in text
+    assert "| attention-only | 1 | MAMBA_LAYERS= NUM_LAYERS=9 | 150 | 700 | 170.0 |" in text
 
 
 # A stand-in for .bench/run_proxy.sh (which needs a GPU): it records the environment it was given as the

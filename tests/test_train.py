@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from util import CPUContext, free_port, join_gloo, make_hp, write_shard
+from util import CPUContext, free_port, join_gloo, leave_gloo, make_hp, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def _loop_with_skewed_clock(rank, world_size, data_dir, port, out_dir):
     clock.start -= 0.4 * rank  # rank 1's clock runs 0.4 s ahead, as if it had started earlier
     steps, _ = tg.train_loop(ddp, model, opts, loader, hp, ctx, clock, lambda m: None)
     torch.save({"steps": steps, "state": model.state_dict()}, os.path.join(out_dir, f"r{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    leave_gloo()
 
 
 def test_ranks_share_one_clock_for_the_schedule_and_the_stop(tmp_path):

@@ -37,6 +37,14 @@ def join_gloo(rank, world_size, port):
     return CPUContext(rank, world_size)
 
 
+def leave_gloo():
+    """End an mp.spawn worker's process group. The barrier first: a rank that tears down its connections
+    while the other still uses them can make gloo abort the other ("terminate called without an active
+    exception", seen once in a full CPU run)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None):
     header = np.zeros(256, dtype="<i4")
     header[:3] = (magic, version, len(tokens) if count is None else count)

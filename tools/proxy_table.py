@@ -14,8 +14,11 @@ RUN_KEYS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "MAX_WALLCLOCK_SECO
 
 
 def differences(config, defaults):
+    # a model without Mamba layers ignores the other MAMBA_* knobs: they are not differences
+    no_mamba = str(config.get("MAMBA_LAYERS", "x")) == ""
     return " ".join(f"{k}={v}" for k, v in sorted(config.items())
-                    if k not in RUN_KEYS and k in defaults and str(v) != str(defaults[k]))
+                    if k not in RUN_KEYS and k in defaults and str(v) != str(defaults[k])
+                    and not (no_mamba and k.startswith("MAMBA_") and k != "MAMBA_LAYERS"))
 
 
 def rows(paths):
