@@ -89,6 +89,9 @@ class Hyperparameters:
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
         self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)  # Triton SSD: 4.3 vs 5.8 ms at 128 (README)
         self.mamba_mlp = self._flag("MAMBA_MLP", 1)
+        # depth recurrence: these consecutive layers run a second time, right after their first pass (more
+        # depth for no bytes); the U-Net's halves and skips are over the resulting sequence of layers
+        self.recur_layers = self._layers("RECUR_LAYERS", "")
         self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 2048, 0, 2**20)  # 0: off
         self.bigram_dim = self._int("BIGRAM_DIM", 128, 1, 4096)
         # optimizers
@@ -178,9 +181,12 @@ class Hyperparameters:
             e(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
         if self.num_heads % self.num_kv_heads:
             e(f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
-        bad = [i for i in self.mamba_layers if not 0 <= i < self.num_layers]
-        if bad:
-            e(f"MAMBA_LAYERS has {bad}: expected indices in [0, {self.num_layers - 1}] (NUM_LAYERS={self.num_layers})")
+        for name, layers in (("MAMBA_LAYERS", self.mamba_layers), ("RECUR_LAYERS", self.recur_layers)):
+            bad = [i for i in layers if not 0 <= i < self.num_layers]
+            if bad:
+                e(f"{name} has {bad}: expected indices in [0, {self.num_layers - 1}] (NUM_LAYERS={self.num_layers})")
+        if self.recur_layers and self.recur_layers != list(range(self.recur_layers[0], self.recur_layers[-1] + 1)):
+            e(f"RECUR_LAYERS={self.resolved['RECUR_LAYERS']}: expected consecutive layers, e.g. 3,4")
         d_inner = self.mamba_d_inner
         if d_inner % self.mamba_headdim:
             e(f"MAMBA_EXPAND*MODEL_DIM={d_inner} must be a multiple of MAMBA_HEADDIM={self.mamba_headdim}")
@@ -593,22 +599,31 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
 
-class Block(nn.Module):
-    def __init__(self, hp, is_mamba):
+class BlockScalars(nn.Module):
+    """A block's per-channel residual controls. A block's second pass (RECUR_LAYERS) has its own set, so
+    the two passes can weigh the same weights differently."""
+
+    def __init__(self, dim, has_mlp):
         super().__init__()
-        dim = hp.model_dim
-        self.mixer = Mamba2(hp) if is_mamba else Attention(hp)
-        self.mlp = MLP(dim, hp.mlp_mult) if (hp.mlp_mult > 0 and (hp.mamba_mlp or not is_mamba)) else None
         self.mixer_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim)) if self.mlp is not None else None
+        self.mlp_scale = nn.Parameter(torch.ones(dim)) if has_mlp else None
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
 
-    def forward(self, x, x0):
-        mix = self.resid_mix.to(x.dtype)
+
+class Block(BlockScalars):
+    def __init__(self, hp, is_mamba):
+        has_mlp = hp.mlp_mult > 0 and (hp.mamba_mlp or not is_mamba)
+        super().__init__(hp.model_dim, has_mlp)
+        self.mixer = Mamba2(hp) if is_mamba else Attention(hp)
+        self.mlp = MLP(hp.model_dim, hp.mlp_mult) if has_mlp else None
+
+    def forward(self, x, x0, scalars=None):
+        s = self if scalars is None else scalars
+        mix = s.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.mixer_scale.to(x.dtype) * self.mixer(F.rms_norm(x, (x.size(-1),)))
+        x = x + s.mixer_scale.to(x.dtype) * self.mixer(F.rms_norm(x, (x.size(-1),)))
         if self.mlp is not None:
-            x = x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+            x = x + s.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
         return x
 
 
@@ -630,7 +645,8 @@ class BigramHash(nn.Module):
 
 class HybridGPT(nn.Module):
     """U-Net over layers: the first half's outputs feed the second half in reverse order through learned
-    per-channel skip weights. MAMBA_LAYERS picks which layers mix with Mamba-2, the rest with attention."""
+    per-channel skip weights. MAMBA_LAYERS picks which layers mix with Mamba-2, the rest with attention;
+    RECUR_LAYERS run twice, so the U-Net is over `order`, the sequence of layers as they run."""
 
     def __init__(self, hp):
         super().__init__()
@@ -640,13 +656,19 @@ class HybridGPT(nn.Module):
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab_size else None
         self.is_mamba = [i in hp.mamba_layers for i in range(hp.num_layers)]
         self.blocks = nn.ModuleList(Block(hp, m) for m in self.is_mamba)
-        self.num_encoder = hp.num_layers // 2
-        self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
+        last = hp.recur_layers[-1] + 1 if hp.recur_layers else 0
+        self.order = list(range(last)) + hp.recur_layers + list(range(last, hp.num_layers))
+        repeats = [i for i, b in enumerate(self.order) if b in self.order[:i]]
+        self.recur_scalars = nn.ModuleList(BlockScalars(hp.model_dim, self.blocks[self.order[i]].mlp is not None)
+                                           for i in repeats)
+        self.scalars_at = {i: self.recur_scalars[k] for k, i in enumerate(repeats)}  # position -> its second-pass set
+        self.num_encoder = len(self.order) // 2
+        self.num_skips = min(self.num_encoder, len(self.order) - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
 
     def skip_map(self):
-        """{decoder layer: encoder layer whose output it receives}."""
+        """{decoder position: encoder position whose output it receives}, positions in `order`."""
         return {self.num_encoder + j: self.num_encoder - 1 - j for j in range(self.num_skips)}
 
     def logits(self, ids):
@@ -655,10 +677,10 @@ class HybridGPT(nn.Module):
             x = x + self.bigram(ids)
         x = x0 = F.rms_norm(x, (x.size(-1),))
         skips = []
-        for i, block in enumerate(self.blocks):
+        for i, layer in enumerate(self.order):
             if i >= self.num_encoder and i - self.num_encoder < self.num_skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x = self.blocks[layer](x, x0, self.scalars_at.get(i))
             if i < self.num_encoder:
                 skips.append(x)
         x = F.rms_norm(x, (x.size(-1),))
@@ -682,7 +704,8 @@ def parameter_report(model):
             kind = "mamba" if model.is_mamba[i] else "attention"
             part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
         else:
-            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head"}.get(name.split(".")[0], "skips")
+            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head",
+                    "recur_scalars": "block_scalars"}.get(name.split(".")[0], "skips")
         parts[part] = parts.get(part, 0) + p.numel()
     parts["total"] = sum(p.numel() for p in model.parameters())
     return parts
@@ -1358,11 +1381,12 @@ def check_ranks_in_sync(model, ctx, log):
 def layer_map(model):
     skips = model.skip_map()
     lines = []
-    for i, m in enumerate(model.is_mamba):
+    for i, block in enumerate(model.order):  # i: position as run; block: which weights (differ under RECUR_LAYERS)
         role = "encoder" if i < model.num_encoder else "decoder"
+        which = "" if block == i else f" (block {block}{', again' if block in model.order[:i] else ''})"
         skip = f" <- skip from layer {skips[i]}" if i in skips else ""
-        mlp = "+mlp" if model.blocks[i].mlp is not None else ""
-        lines.append(f"  layer {i:2d} {role}: {'mamba2' if m else 'attention'}{mlp}{skip}")
+        mlp = "+mlp" if model.blocks[block].mlp is not None else ""
+        lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}")
     return "\n".join(lines)
 
 

@@ -100,9 +100,9 @@ def test_attention_matches_fallback(fast, backend):
         pytest.skip(f"{backend} does not take GQA at this shape on this GPU")
 
 
-def small_cuda_model():
+def small_cuda_model(**env):
     hp = make_hp(MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MAMBA_HEADDIM=64, MAMBA_D_STATE=64,
-                 MAMBA_CHUNK_SIZE=64, TRAIN_SEQ_LEN=512, VOCAB_SIZE=1024)
+                 MAMBA_CHUNK_SIZE=64, TRAIN_SEQ_LEN=512, VOCAB_SIZE=1024, **env)
     torch.manual_seed(0)
     return randomize_weights(tg.HybridGPT(hp), 1).cuda(), torch.randint(0, hp.vocab_size, (4, 513), device="cuda")
 
@@ -124,10 +124,12 @@ def test_model_loss_and_grads_kernels_vs_fallback(fast):
         assert rel_err(gk[n], gf[n]) < 5e-2, (n, rel_err(gk[n], gf[n]))
 
 
-def test_whole_model_compiles_without_graph_breaks(fast):
-    """fullgraph=True raises at the first graph break: the SSD custom op must be opaque, not a break."""
+@pytest.mark.parametrize("recur", ["", "1,2"])
+def test_whole_model_compiles_without_graph_breaks(fast, recur):
+    """fullgraph=True raises at the first graph break: the SSD custom op must be opaque, not a break (nor
+    a block's second pass with its own scalars, RECUR_LAYERS)."""
     need(fast, "ssd")
-    model, ids = small_cuda_model()
+    model, ids = small_cuda_model(RECUR_LAYERS=recur)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     losses = []

@@ -117,6 +117,49 @@ def test_layer_map_and_skips():
     assert make_hp().mamba_mlp and tg.HybridGPT(make_hp()).blocks[0].mlp is not None  # MAMBA_MLP=1, the default
 
 
+def test_recurrent_layers_equal_a_stack_with_those_blocks_repeated():
+    """RECUR_LAYERS=1,2 on 4 layers runs blocks 0,1,2,1,2,3: the same function as 6 layers holding copies of
+    those blocks' weights (the second passes with their own scalars), with the U-Net over the 6; a shared
+    matrix's gradient is the sum of its copies' gradients."""
+    from util import randomize_weights
+    torch.manual_seed(0)
+    rec = tg.HybridGPT(make_hp(NUM_LAYERS=4, MAMBA_LAYERS="0,2", RECUR_LAYERS="1,2"))
+    randomize_weights(rec, seed=3)
+    with torch.no_grad():  # scalars away from their ones/zeros init, each set different
+        for name, p in rec.named_parameters():
+            if "scale" in name or "resid_mix" in name or "skip_weights" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    assert rec.order == [0, 1, 2, 1, 2, 3] and rec.num_encoder == 3 and rec.skip_map() == {3: 2, 4: 1, 5: 0}
+    assert len(rec.recur_scalars) == 2 and set(rec.scalars_at) == {3, 4}
+    flat = tg.HybridGPT(make_hp(NUM_LAYERS=6, MAMBA_LAYERS="0,2,4"))
+    state = {k: v for k, v in rec.state_dict().items() if not k.startswith(("blocks.", "recur_scalars."))}
+    for j, b in enumerate(rec.order):
+        state.update({f"blocks.{j}.{k}": v for k, v in rec.blocks[b].state_dict().items()})
+        if j in rec.scalars_at:
+            state.update({f"blocks.{j}.{k}": v for k, v in rec.scalars_at[j].state_dict().items()})
+    flat.load_state_dict(state)
+    ids = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(1))
+    loss_rec, loss_flat = rec(ids[:, :-1], ids[:, 1:]).mean(), flat(ids[:, :-1], ids[:, 1:]).mean()
+    torch.testing.assert_close(loss_rec, loss_flat, rtol=1e-5, atol=1e-6)
+    loss_rec.backward()
+    loss_flat.backward()
+    flat1, flat3 = dict(flat.blocks[1].named_parameters()), dict(flat.blocks[3].named_parameters())
+    for name, p in rec.blocks[1].named_parameters():
+        expected = flat1[name].grad + (flat3[name].grad if name.startswith(("mixer.", "mlp.")) else 0)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+    for name, p in rec.recur_scalars[0].named_parameters():
+        torch.testing.assert_close(p.grad, flat3[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    layer_map = tg.layer_map(rec)
+    assert "layer  3 (block 1, again) decoder: attention+mlp <- skip from layer 2" in layer_map
+    assert "layer  5 (block 3) decoder: attention+mlp <- skip from layer 0" in layer_map
+
+
+@pytest.mark.parametrize("layers, message", [("1,3", "expected consecutive layers"), ("3,4", "RECUR_LAYERS has [4]")])
+def test_recur_layers_must_be_consecutive_existing_layers(layers, message):
+    with pytest.raises(tg.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        make_hp(NUM_LAYERS=4, RECUR_LAYERS=layers)
+
+
 def test_mamba2_block_shapes_and_parameters():
     hp = make_hp(MODEL_DIM=32, MAMBA_EXPAND=1.5, MAMBA_HEADDIM=8, MAMBA_D_STATE=4, MAMBA_NGROUPS=2, NUM_HEADS=2, NUM_KV_HEADS=1)
     m = tg.Mamba2(hp)

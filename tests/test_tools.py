@@ -68,6 +68,8 @@ def test_side_by_side_gives_each_run_its_gpu_settings_and_seeded_run_id(tmp_path
     lines = r.stdout.splitlines()
     assert lines[0].startswith("hybrid-default-seed1337: steps 10 step_ms 1.5 prequant 1.2000") and "artifact 123" in lines[0]
     assert lines[3].startswith("crashed-seed1337: no summary")
+    # only the run without a summary leaves its console output beside the summaries
+    assert [p.name for p in (tmp_path / "out").glob("*.console")] == ["crashed-seed1337.console"]
 
 
 def test_side_by_side_refuses_bad_input_before_starting_anything(tmp_path):

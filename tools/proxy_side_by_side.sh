@@ -7,6 +7,8 @@
 # Settings shared by all runs come from the environment (e.g. MAX_WALLCLOCK_SECONDS=150 TTT_ENABLED=0).
 # Run i gets GPU i and RUN_ID <label>-seed<SEED>; the runner writes $OUT/<RUN_ID>.{log,json}, ready to copy to
 # results/proxy/<kind>/. Each run stops after PROXY_TIMEOUT seconds (default 540). Prints a line per run.
+# A run's console output (installs, tokenizing, the log again) lands in $OUT/<RUN_ID>.console only when it left
+# no summary: the device tool returns 8 files a command, and four runs' consoles once crowded out a summary.
 set -uo pipefail
 runner=${PROXY_RUNNER:-.bench/run_proxy.sh}
 timeout_s=${PROXY_TIMEOUT:-540}
@@ -30,6 +32,7 @@ for spec in "$@"; do
   done
 done
 mkdir -p "$out"
+consoles=$(mktemp -d)
 gpu=0
 ids=()
 for spec in "$@"; do
@@ -39,18 +42,19 @@ for spec in "$@"; do
   id="${words[0]}-seed$seed"
   ids+=("$id")
   env "${words[@]:1}" SEED="$seed" NGPU=1 CUDA_VISIBLE_DEVICES=$gpu RUN_ID="$id" OUT="$out" \
-    timeout "$timeout_s" bash "$runner" > "$out/$id.console" 2>&1 &
+    timeout "$timeout_s" bash "$runner" > "$consoles/$id.console" 2>&1 &
   gpu=$((gpu + 1))
 done
 wait
 for id in "${ids[@]}"; do
+  [ -s "$out/$id.json" ] || cp "$consoles/$id.console" "$out/"
   python3 - "$out/$id.json" "$id" <<'EOF'
 import json, sys
 path, run_id = sys.argv[1], sys.argv[2]
 try:
     s = json.load(open(path))
 except (OSError, ValueError):
-    print(f"{run_id}: no summary (see {path[:-5]}.log)")
+    print(f"{run_id}: no summary (see {path[:-5]}.log and .console)")
     sys.exit(0)
 print(f"{run_id}: steps {s['steps']} step_ms {s['step_ms']} prequant {s['val_bpb_prequant']:.4f} "
       f"roundtrip {s['val_bpb_roundtrip']:.4f} val_bpb {s['val_bpb']:.4f} artifact {s['artifact_bytes']:,}")
