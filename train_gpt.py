@@ -103,6 +103,7 @@ class Hyperparameters:
         self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
         self.muon_momentum = self._float("MUON_MOMENTUM", 0.95, 0.0, 0.9999)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
+        self.muon_row_norm = self._flag("MUON_ROW_NORM", 0)  # 1: each row of the update to unit norm before orthogonalizing
         self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.85, 0.0, 0.9999)
         self.muon_momentum_warmup_steps = self._int("MUON_MOMENTUM_WARMUP_STEPS", 500, 0, 10**6)
         self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
@@ -734,8 +735,9 @@ class Muon(torch.optim.Optimizer):
     launch per Newton-Schulz op instead of one per matrix); ranks split each batch and share the results
     with one all-reduce, so every rank applies the same update."""
 
-    def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0, row_norm=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
+                                      row_norm=row_norm))
 
     @torch.no_grad()
     def step(self):
@@ -758,7 +760,10 @@ class Muon(torch.optim.Optimizer):
                     torch._foreach_mul_(bufs, group["momentum"])
                     torch._foreach_add_(bufs, grads)
                     nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-                    g = newton_schulz_orthogonalize(torch.stack(nesterov), group["backend_steps"])
+                    g = torch.stack(nesterov)
+                    if group["row_norm"]:  # every output unit's row gets an equal say in the orthogonalization
+                        g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
+                    g = newton_schulz_orthogonalize(g, group["backend_steps"])
                     flat[offset:offset + size] = (g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5).reshape(-1)
                 offset += size
             if distributed:
@@ -790,7 +795,7 @@ def build_optimizers(model, hp):
                               fused=next(model.parameters()).is_cuda)]
     if muon_groups:
         opts.append(Muon(muon_groups, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                         weight_decay=hp.muon_wd))
+                         weight_decay=hp.muon_wd, row_norm=hp.muon_row_norm))
     return opts
 
 # ----------------------------------------------------------------------------------------------

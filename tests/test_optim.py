@@ -31,7 +31,7 @@ def test_muon_takes_matrices_with_their_learning_rates():
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
 
 
-@pytest.mark.parametrize("wd", [{}, {"MUON_WD": "0.1", "ADAM_WD": "0.2"}])
+@pytest.mark.parametrize("wd", [{}, {"MUON_WD": "0.1", "ADAM_WD": "0.2"}, {"MUON_ROW_NORM": "1"}])
 def test_each_parameter_updated_exactly_once_per_step(wd):
     hp = make_hp(GRAD_CLIP_NORM=0, **wd)
     torch.manual_seed(0)
@@ -53,7 +53,10 @@ def test_each_parameter_updated_exactly_once_per_step(wd):
         assert decay == want, n
         start = before[n] * (1 - lr * decay)
         if is_muon:  # nesterov momentum on a fresh buffer: orthogonalize (1 + momentum) * g
-            u = tg.newton_schulz_orthogonalize(grads[n] * (1 + momentum), hp.muon_backend_steps)
+            g = grads[n] * (1 + momentum)
+            if hp.muon_row_norm:
+                g = g / g.norm(dim=-1, keepdim=True)
+            u = tg.newton_schulz_orthogonalize(g, hp.muon_backend_steps)
             expected = start - lr * u * max(1.0, p.size(0) / p.size(1)) ** 0.5
         else:  # Adam's first step moves by lr * g / (|g| + eps)
             expected = start - lr * grads[n] / (grads[n].abs() + hp.adam_eps)
@@ -171,3 +174,18 @@ def test_newton_schulz_on_a_stack_equals_each_matrix_alone():
         # orthogonalized: singular values pulled into the quintic's band around 1, whatever the input scale
         s = torch.linalg.svdvals(batched)
         assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_row_normalized_muon_ignores_each_rows_gradient_scale():
+    """MUON_ROW_NORM=1: rescaling rows of the gradient leaves the update as it was; plain Muon's changes."""
+    g = torch.randn(16, 24, generator=torch.Generator().manual_seed(0))
+    row_scale = torch.rand(16, 1, generator=torch.Generator().manual_seed(1)) * 10 + 0.1
+    updates = {}
+    for row_norm in (False, True):
+        for scaled in (False, True):
+            w = torch.nn.Parameter(torch.zeros(16, 24))
+            w.grad = g * row_scale if scaled else g.clone()
+            tg.Muon([w], lr=1.0, momentum=0.0, backend_steps=5, row_norm=row_norm).step()
+            updates[row_norm, scaled] = w.detach().clone()
+    torch.testing.assert_close(updates[True, True], updates[True, False], rtol=1e-4, atol=1e-5)
+    assert (updates[False, True] - updates[False, False]).abs().max() > 0.05
