@@ -843,17 +843,30 @@ def autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def average_gradients(params, ctx):
+    """Every rank's gradients replaced by their mean over ranks, in one all-reduce (a missing gradient
+    counts as zeros, so a rank with nothing to learn from still joins). Used instead of DDP: DDP makes
+    torch.compile split the model into one graph per gradient bucket, more compile time and less fusion,
+    to overlap an all-reduce that takes about a millisecond here."""
+    if not ctx.distributed:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
 def train_step(model, opts, loader, hp, ctx, step, elapsed_s, train_budget_s):
     """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean train loss (float)."""
     local_tokens = hp.train_batch_tokens // (ctx.world_size * hp.grad_accum_steps)
     total = torch.zeros((), device=ctx.device)
     for micro in range(hp.grad_accum_steps):
         x, y = loader.next_batch(local_tokens, hp.train_seq_len)
-        sync = micro == hp.grad_accum_steps - 1
-        with (model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()), autocast(ctx.device):
+        with autocast(ctx.device):
             loss = model(x, y).mean()
         (loss / hp.grad_accum_steps).backward()
         total += loss.detach() / hp.grad_accum_steps
+    average_gradients(list(model.parameters()), ctx)
     scale = lr_scale(step, elapsed_s, hp, train_budget_s)
     frac = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps else 1.0
     for opt in opts:
@@ -1308,19 +1321,12 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
         for _ in range(hp.ttt_epochs):
             for i in range(0, max(len(mine), 1), batch_seqs):
                 batch = mine[i:i + batch_seqs]
-                if batch:
+                if batch:  # a rank without a sequence here still joins the gradient all-reduce
                     xy = torch.stack(batch).to(ctx.device, torch.int64)
                     with autocast(ctx.device):
                         loss = model(xy[:, :-1], xy[:, 1:]).mean()
                     loss.backward()
-                else:  # this rank has no sequence here; it still joins the gradient all-reduce
-                    for p in params:
-                        p.grad = torch.zeros_like(p)
-                if ctx.distributed:  # one all-reduce for all gradients, not one per tensor
-                    flat = torch.cat([p.grad.reshape(-1) for p in params])
-                    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-                    for p, g in zip(params, flat.split([p.numel() for p in params])):
-                        p.grad.copy_(g.view_as(p))
+                average_gradients(params, ctx)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -1369,7 +1375,7 @@ def compile_model(model, mode):
 
 
 def check_ranks_in_sync(model, ctx, log):
-    """DDP must leave every rank with the same weights; a silent divergence would make rank 0's export
+    """Data-parallel training must leave every rank with the same weights; a silent divergence would make rank 0's export
     differ from the model the other ranks evaluate. One float64 checksum per rank, compared."""
     if not ctx.distributed:
         return
@@ -1533,8 +1539,6 @@ def main():
     base_model = HybridGPT(hp).to(ctx.device)
     report = describe(hp, base_model, log, code_bytes)
     model = compile_model(base_model, hp.compile) if ctx.device.type == "cuda" else base_model
-    if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     opts = build_optimizers(base_model, hp)
     loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
     batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * hp.train_seq_len))
@@ -1571,11 +1575,10 @@ def main():
     # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
     if ema is not None:
         ema.copy_to(base_model)
-    # evaluation runs the compiled model too (without DDP: TTT all-reduces its own gradients); every eval
-    # batch has one shape, so each of scoring and TTT's adapting compiles once
-    eval_model = model.module if ctx.distributed else model
+    # evaluation runs the compiled model too; every eval batch has one shape, so each of scoring and TTT's
+    # adapting compiles once
     with clock.paused():
-        prequant_loss, prequant_bpb = evaluate(eval_model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
+        prequant_loss, prequant_bpb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f}")
     t_q = time.time()
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
@@ -1595,7 +1598,7 @@ def main():
     artifact_path, artifact_bytes = write_artifact(quantized, base_model, hessians, hp, ctx, code_bytes, log)
     base_model.load_state_dict(deserialize(Path(artifact_path).read_bytes()))
     t_eval = time.time()
-    scores = final_evaluation(eval_model, val_tokens, hp, batch_seqs, ctx, luts, log)
+    scores = final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log)
     eval_seconds = time.time() - t_eval
     summary = dict(
         **scores, val_bpb_prequant=prequant_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,

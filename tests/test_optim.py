@@ -1,4 +1,4 @@
-"""OPTIMIZERS and the training step: groups, exactly-once updates, DDP equals one process."""
+"""OPTIMIZERS and the training step: groups, exactly-once updates, two ranks equal one process."""
 import os
 
 import numpy as np
@@ -84,16 +84,15 @@ def _train(rank, world_size, data_dir, env, steps, out_dir, port):
     hp.resolve_world(world_size)
     torch.manual_seed(0)
     model = tg.HybridGPT(hp)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     opts = tg.build_optimizers(model, hp)
     loader = tg.DistributedTokenLoader(tg.shard_files(data_dir, "train"), ctx.rank, world_size, ctx.device)
-    losses = [tg.train_step(ddp, opts, loader, hp, ctx, s, 0.0, 0.0) for s in range(steps)]
+    losses = [tg.train_step(model, opts, loader, hp, ctx, s, 0.0, 0.0) for s in range(steps)]
     torch.save({"state": model.state_dict(), "losses": losses}, os.path.join(out_dir, f"w{world_size}_r{rank}.pt"))
     if ctx.distributed:
         leave_gloo()
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+def test_two_process_training_equals_one_process(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 320, 40000))
     env = {"SMOKE": "1", "TRAIN_BATCH_TOKENS": "1024", "TRAIN_SEQ_LEN": "64", "MODEL_DIM": "32", "NUM_HEADS": "2",
            "NUM_KV_HEADS": "1", "MAMBA_HEADDIM": "16", "MAMBA_CHUNK_SIZE": "16", "LR_WARMUP_STEPS": "0"}
