@@ -92,6 +92,8 @@ class Hyperparameters:
         # depth recurrence: these consecutive layers run a second time, right after their first pass (more
         # depth for no bytes); the U-Net's halves and skips are over the resulting sequence of layers
         self.recur_layers = self._layers("RECUR_LAYERS", "")
+        # parallel residual lanes from this position (as run) on, in the decoder half; 0: off
+        self.parallel_from = self._int("PARALLEL_FROM", 0, 0, 256)
         self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 2048, 0, 2**20)  # 0: off
         self.bigram_dim = self._int("BIGRAM_DIM", 128, 1, 4096)
         # optimizers
@@ -188,6 +190,10 @@ class Hyperparameters:
                 e(f"{name} has {bad}: expected indices in [0, {self.num_layers - 1}] (NUM_LAYERS={self.num_layers})")
         if self.recur_layers and self.recur_layers != list(range(self.recur_layers[0], self.recur_layers[-1] + 1)):
             e(f"RECUR_LAYERS={self.resolved['RECUR_LAYERS']}: expected consecutive layers, e.g. 3,4")
+        run = self.num_layers + len(self.recur_layers)  # layers as run
+        if self.parallel_from and not run // 2 <= self.parallel_from < run:
+            e(f"PARALLEL_FROM={self.parallel_from} must be a decoder position, in [{run // 2}, {run - 1}] "
+              f"({run} layers as run), or 0 (off)")
         d_inner = self.mamba_d_inner
         if d_inner % self.mamba_headdim:
             e(f"MAMBA_EXPAND*MODEL_DIM={d_inner} must be a multiple of MAMBA_HEADDIM={self.mamba_headdim}")
@@ -627,6 +633,20 @@ class Block(BlockScalars):
             x = x + s.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
         return x
 
+    def forward_lanes(self, a, b, x0, writes, scalars=None):
+        """Two residual lanes (PARALLEL_FROM): the mixer reads lane a, the MLP lane b, and each writes to
+        both with learned per-channel weights (writes: mixer->a, mixer->b, mlp->a, mlp->b). All ones, with
+        a == b, is exactly forward()."""
+        s, w = (self if scalars is None else scalars), writes.to(a.dtype)
+        mix = s.resid_mix.to(a.dtype)
+        a, b = mix[0] * a + mix[1] * x0, mix[0] * b + mix[1] * x0
+        out = s.mixer_scale.to(a.dtype) * self.mixer(F.rms_norm(a, (a.size(-1),)))
+        a, b = a + w[0] * out, b + w[1] * out
+        if self.mlp is not None:
+            out = s.mlp_scale.to(a.dtype) * self.mlp(F.rms_norm(b, (b.size(-1),)))
+            a, b = a + w[2] * out, b + w[3] * out
+        return a, b
+
 
 class BigramHash(nn.Module):
     """An embedding of a hash of (previous token, token), projected into the residual stream."""
@@ -665,6 +685,9 @@ class HybridGPT(nn.Module):
         self.scalars_at = {i: self.recur_scalars[k] for k, i in enumerate(repeats)}  # position -> its second-pass set
         self.num_encoder = len(self.order) // 2
         self.num_skips = min(self.num_encoder, len(self.order) - self.num_encoder)
+        self.parallel_from = hp.parallel_from or len(self.order)  # the first position with two lanes
+        lanes = len(self.order) - self.parallel_from
+        self.lane_writes = nn.Parameter(torch.ones(lanes, 4, hp.model_dim)) if lanes else None
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
 
@@ -679,11 +702,18 @@ class HybridGPT(nn.Module):
         x = x0 = F.rms_norm(x, (x.size(-1),))
         skips = []
         for i, layer in enumerate(self.order):
-            if i >= self.num_encoder and i - self.num_encoder < self.num_skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = self.blocks[layer](x, x0, self.scalars_at.get(i))
+            skip = (self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+                    if self.num_encoder <= i < self.num_encoder + self.num_skips else 0)
+            if i < self.parallel_from:
+                x = self.blocks[layer](x + skip, x0, self.scalars_at.get(i))
+            else:  # from parallel_from on (decoder only), two lanes; a skip joins both
+                a, b = (x, x) if i == self.parallel_from else lanes
+                writes = self.lane_writes[i - self.parallel_from]
+                lanes = self.blocks[layer].forward_lanes(a + skip, b + skip, x0, writes, self.scalars_at.get(i))
             if i < self.num_encoder:
                 skips.append(x)
+        if self.parallel_from < len(self.order):
+            x = (lanes[0] + lanes[1]) / 2
         x = F.rms_norm(x, (x.size(-1),))
         logits = F.linear(x, (self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).to(x.dtype))
         if self.softcap > 0:
@@ -705,8 +735,8 @@ def parameter_report(model):
             kind = "mamba" if model.is_mamba[i] else "attention"
             part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
         else:
-            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head",
-                    "recur_scalars": "block_scalars"}.get(name.split(".")[0], "skips")
+            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head", "recur_scalars": "block_scalars",
+                    "lane_writes": "block_scalars"}.get(name.split(".")[0], "skips")
         parts[part] = parts.get(part, 0) + p.numel()
     parts["total"] = sum(p.numel() for p in model.parameters())
     return parts
@@ -1397,7 +1427,8 @@ def layer_map(model):
         which = "" if block == i else f" (block {block}{', again' if block in model.order[:i] else ''})"
         skip = f" <- skip from layer {skips[i]}" if i in skips else ""
         mlp = "+mlp" if model.blocks[block].mlp is not None else ""
-        lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}")
+        lanes = " [2 lanes]" if i >= model.parallel_from else ""
+        lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}{lanes}")
     return "\n".join(lines)
 
 

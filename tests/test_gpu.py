@@ -124,12 +124,12 @@ def test_model_loss_and_grads_kernels_vs_fallback(fast):
         assert rel_err(gk[n], gf[n]) < 5e-2, (n, rel_err(gk[n], gf[n]))
 
 
-@pytest.mark.parametrize("recur", ["", "1,2"])
-def test_whole_model_compiles_without_graph_breaks(fast, recur):
+@pytest.mark.parametrize("env", [{}, {"RECUR_LAYERS": "1,2", "PARALLEL_FROM": "4"}])
+def test_whole_model_compiles_without_graph_breaks(fast, env):
     """fullgraph=True raises at the first graph break: the SSD custom op must be opaque, not a break (nor
-    a block's second pass with its own scalars, RECUR_LAYERS)."""
+    a block's second pass with its own scalars, nor the two residual lanes)."""
     need(fast, "ssd")
-    model, ids = small_cuda_model(RECUR_LAYERS=recur)
+    model, ids = small_cuda_model(**env)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     losses = []

@@ -160,6 +160,42 @@ def test_recur_layers_must_be_consecutive_existing_layers(layers, message):
         make_hp(NUM_LAYERS=4, RECUR_LAYERS=layers)
 
 
+def test_parallel_lanes_start_as_the_sequential_model_and_route_by_their_writes():
+    """PARALLEL_FROM=2 on 4 layers: at its all-ones init the two-lane model is the one-lane model; the lane
+    weights then matter and train. In a block, the mixer reads lane a and the MLP lane b."""
+    from util import randomize_weights
+    torch.manual_seed(0)
+    lanes = tg.HybridGPT(make_hp(NUM_LAYERS=4, PARALLEL_FROM=2))
+    randomize_weights(lanes, seed=2)
+    plain = tg.HybridGPT(make_hp(NUM_LAYERS=4))
+    plain.load_state_dict({k: v for k, v in lanes.state_dict().items() if k != "lane_writes"})
+    assert lanes.lane_writes.shape == (2, 4, 64) and "layer  2 decoder: mamba2+mlp <- skip from layer 1 [2 lanes]" in tg.layer_map(lanes)
+    ids = torch.randint(0, 320, (2, 65), generator=torch.Generator().manual_seed(1))
+    loss = lanes(ids[:, :-1], ids[:, 1:]).mean()
+    torch.testing.assert_close(loss, plain(ids[:, :-1], ids[:, 1:]).mean(), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert lanes.lane_writes.grad.abs().sum() > 0
+    with torch.no_grad():
+        lanes.lane_writes.mul_(torch.rand_like(lanes.lane_writes) + 0.5)
+    assert (lanes(ids[:, :-1], ids[:, 1:]).mean() - loss).abs() > 1e-4
+    block = lanes.blocks[3]  # attention + MLP
+    x, x0 = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    writes = torch.tensor([1.0, 0.0, 0.0, 1.0])[:, None].expand(4, 64)  # mixer -> a only, MLP -> b only
+    with torch.no_grad():
+        block.resid_mix.copy_(torch.stack([torch.full((64,), 0.7), torch.full((64,), 0.3)]))
+        a, b = block.forward_lanes(x, x, x0, writes)
+        start = 0.7 * x + 0.3 * x0
+        norm = lambda t: F.rms_norm(t, (64,))
+        torch.testing.assert_close(a, start + block.mixer_scale * block.mixer(norm(start)))
+        torch.testing.assert_close(b, start + block.mlp_scale * block.mlp(norm(start)))
+
+
+def test_parallel_from_must_be_a_decoder_position():
+    with pytest.raises(tg.ConfigError, match="PARALLEL_FROM=1 must be a decoder position, in \\[2, 3\\]"):
+        make_hp(NUM_LAYERS=4, PARALLEL_FROM=1)
+    assert make_hp(NUM_LAYERS=4, RECUR_LAYERS="1", PARALLEL_FROM=4).parallel_from == 4  # 5 layers as run
+
+
 def test_mamba2_block_shapes_and_parameters():
     hp = make_hp(MODEL_DIM=32, MAMBA_EXPAND=1.5, MAMBA_HEADDIM=8, MAMBA_D_STATE=4, MAMBA_NGROUPS=2, NUM_HEADS=2, NUM_KV_HEADS=1)
     m = tg.Mamba2(hp)
