@@ -1401,6 +1401,8 @@ def compile_model(model, mode):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         for block in model.blocks:
             block.compile(dynamic=False)
+            # forward_lanes is a plain method call, which Module.compile does not reach
+            block.forward_lanes = torch.compile(block.forward_lanes, dynamic=False)
     return model
 
 
