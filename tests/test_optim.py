@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from util import free_port, leave_gloo, make_hp, write_shard
+from util import free_port, join_gloo, leave_gloo, make_hp, write_shard
 
 
 def test_every_parameter_in_exactly_one_group():
@@ -188,3 +188,21 @@ def test_row_normalized_muon_ignores_each_rows_gradient_scale():
             updates[row_norm, scaled] = w.detach().clone()
     torch.testing.assert_close(updates[True, True], updates[True, False], rtol=1e-4, atol=1e-5)
     assert (updates[False, True] - updates[False, False]).abs().max() > 0.05
+
+
+def _average(rank, world_size, port, out_dir):
+    ctx = join_gloo(rank, world_size, port)
+    params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.full((3, 2), float(rank + 1))  # ranks 1 and 2: mean 1.5
+    if rank == 0:  # rank 1 has no gradient for the second tensor (nothing to learn from): it counts as zeros
+        params[1].grad = torch.arange(4.0)
+    tg.average_gradients(params, ctx)
+    torch.save([p.grad for p in params], os.path.join(out_dir, f"avg_r{rank}.pt"))
+    leave_gloo()
+
+
+def test_average_gradients_means_over_ranks_with_missing_as_zeros(tmp_path):
+    mp.spawn(_average, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        g0, g1 = torch.load(tmp_path / f"avg_r{rank}.pt")
+        assert torch.equal(g0, torch.full((3, 2), 1.5)) and torch.equal(g1, torch.arange(4.0) / 2)
