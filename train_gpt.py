@@ -878,9 +878,12 @@ def average_gradients(params, ctx):
     counts as zeros, so a rank with nothing to learn from still joins). Used instead of DDP: DDP makes
     torch.compile split the model into one graph per gradient bucket, more compile time and less fusion,
     to overlap an all-reduce that takes about a millisecond here."""
+    for p in params:  # on one rank too, so that a step without data does the same everywhere
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if not ctx.distributed:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.AVG)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p).to(p.dtype)

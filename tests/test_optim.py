@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from util import free_port, join_gloo, leave_gloo, make_hp, write_shard
+from util import CPUContext, free_port, join_gloo, leave_gloo, make_hp, write_shard
 
 
 def test_every_parameter_in_exactly_one_group():
@@ -206,3 +206,11 @@ def test_average_gradients_means_over_ranks_with_missing_as_zeros(tmp_path):
     for rank in (0, 1):
         g0, g1 = torch.load(tmp_path / f"avg_r{rank}.pt")
         assert torch.equal(g0, torch.full((3, 2), 1.5)) and torch.equal(g1, torch.arange(4.0) / 2)
+
+
+def test_average_gradients_on_one_rank_fills_missing_with_zeros():
+    """As on several ranks: a TTT step without data moves momentum the same way on 1 rank as on 2."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((3,), 2.0)
+    tg.average_gradients([p, q], CPUContext())
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(q.grad, torch.zeros(2))
