@@ -499,7 +499,7 @@ embedding_kernel.register_autograd(_embedding_backward, setup_context=_embedding
 def embedding(ids, weight):
     """Table lookup: the custom op on CUDA when configured, else F.embedding."""
     if KERNELS["embedding"] is not None and ids.is_cuda:
-        return KERNELS["embedding"](weight, ids)
+        return embedding_kernel(weight, ids)
     return F.embedding(ids, weight)
 
 
