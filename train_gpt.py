@@ -665,26 +665,33 @@ class Block(BlockScalars):
         self.mixer = Mamba2(hp) if is_mamba else Attention(hp)
         self.mlp = MLP(hp.model_dim, hp.mlp_mult) if has_mlp else None
 
+    # the three steps of a block, each with scalars s (the block's own, or a second pass's)
+    def mix_in(self, s, x, x0):
+        mix = s.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
+
+    def mixer_out(self, s, x):
+        return s.mixer_scale.to(x.dtype) * self.mixer(F.rms_norm(x, (x.size(-1),)))
+
+    def mlp_out(self, s, x):
+        return s.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+
     def forward(self, x, x0, scalars=None):
         s = self if scalars is None else scalars
-        mix = s.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + s.mixer_scale.to(x.dtype) * self.mixer(F.rms_norm(x, (x.size(-1),)))
-        if self.mlp is not None:
-            x = x + s.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
-        return x
+        x = self.mix_in(s, x, x0)
+        x = x + self.mixer_out(s, x)
+        return x + self.mlp_out(s, x) if self.mlp is not None else x
 
     def forward_lanes(self, a, b, x0, writes, scalars=None):
         """Two residual lanes (PARALLEL_FROM): the mixer reads lane a, the MLP lane b, and each writes to
         both with learned per-channel weights (writes: mixer->a, mixer->b, mlp->a, mlp->b). All ones, with
         a == b, is exactly forward()."""
         s, w = (self if scalars is None else scalars), writes.to(a.dtype)
-        mix = s.resid_mix.to(a.dtype)
-        a, b = mix[0] * a + mix[1] * x0, mix[0] * b + mix[1] * x0
-        out = s.mixer_scale.to(a.dtype) * self.mixer(F.rms_norm(a, (a.size(-1),)))
+        a, b = self.mix_in(s, a, x0), self.mix_in(s, b, x0)
+        out = self.mixer_out(s, a)
         a, b = a + w[0] * out, b + w[1] * out
         if self.mlp is not None:
-            out = s.mlp_scale.to(a.dtype) * self.mlp(F.rms_norm(b, (b.size(-1),)))
+            out = self.mlp_out(s, b)
             a, b = a + w[2] * out, b + w[3] * out
         return a, b
 
