@@ -4,6 +4,8 @@ env vars:
   step: one training step (fwd+bwd) of the configured model, fast kernels vs PyTorch fallbacks,
         eager or compiled, with the compiled graph-break count;
   ssd:  the SSD scan alone, fwd+bwd, at 48 x 2048 tokens (kernel vs fallback);
+  ssdprof: the Triton SSD's fwd+bwd at the issue's shape and today's default: CUDA-event time, the same
+        replayed as one CUDA graph (no host launch gaps), and the profiler's per-kernel GPU times;
   attn: causal GQA attention alone, fwd+bwd, per SDPA backend and the flash-attention library;
   layer: one Mamba-2 block and one attention block, compiled, fwd+bwd, with the profiler's top kernels;
   train: train_gpt's own train_step (COMPILE as configured, real optimizers, EMA) split into its parts
@@ -14,7 +16,7 @@ env vars:
   eval: sliding-window scoring and score-first TTT on random tokens, eager vs compiled, first call (with
         compile) and second; run with the per-rank shapes of the real run, e.g. 8 GPUs, 32768-token TTT
         chunks: VAL_BATCH_SIZE=65536 TTT_CHUNK_TOKENS=4096 (one rank's share on one GPU).
-usage: python3 tools/bench_step.py [--what step,ssd,attn,layer,train,embed,eval] [--batch-seqs 64] [--iters 10] [--compile]"""
+usage: python3 tools/bench_step.py [--what step,ssd,ssdprof,attn,layer,train,embed,eval] [--batch-seqs 64] [--iters 10] [--compile]"""
 import argparse, os, statistics, sys, time
 from pathlib import Path
 
@@ -73,19 +75,62 @@ def bench_ssd(a):
     found = tg.load_fast_kernels()["ssd"]
     tg.KERNELS["ssd_fwd"], tg.KERNELS["ssd_bwd"] = found[0] or (None, None)
     for H, P, N, chunk in ((16, 64, 128, 128), (16, 64, 128, 256), (12, 64, 64, 128), (12, 64, 64, 256), (12, 64, 32, 128)):
-        g = torch.Generator("cuda").manual_seed(0)
-        b, L = 48, 2048
-        x = torch.randn(b, L, H, P, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-        dt = F.softplus(torch.randn(b, L, H, device="cuda", generator=g) - 2).requires_grad_()
-        A = (-torch.rand(H, device="cuda", generator=g) * 4).requires_grad_()
-        B, C = (torch.randn(b, L, 1, N, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(2))
-        inputs = (x, dt, A, B, C)
+        inputs = ssd_inputs(H, P, N)
         line = f"ssd 48x2048 H={H} P={P} N={N} chunk={chunk}:"
         if found[0] is not None:
             line += f" kernel fwd {timed(lambda: tg.ssd_scan_kernel(*inputs, chunk), a.iters):.2f} ms"
             line += f" fwd+bwd {timed(fwd_bwd(lambda *t: tg.ssd_scan_kernel(*t, chunk), inputs), a.iters):.2f} ms;"
         line += f" eager pytorch fwd+bwd {timed(fwd_bwd(lambda *t: tg.ssd_scan_torch(*t, chunk), inputs), 3):.2f} ms"
         print(line)
+
+
+def ssd_inputs(H, P, N, b=48, L=2048):
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(b, L, H, P, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    dt = F.softplus(torch.randn(b, L, H, device="cuda", generator=g) - 2).requires_grad_()
+    A = (-torch.rand(H, device="cuda", generator=g) * 4).requires_grad_()
+    B, C = (torch.randn(b, L, 1, N, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(2))
+    return x, dt, A, B, C
+
+
+def bench_ssd_profile(a):
+    """Where the scan's fwd+bwd time goes: kernels (GPU busy) vs the host's launch gaps between them."""
+    from torch.profiler import ProfilerActivity, profile
+    found = tg.load_fast_kernels()["ssd"]
+    assert found[0] is not None, found[1]
+    tg.KERNELS["ssd_fwd"], tg.KERNELS["ssd_bwd"] = found[0]
+    for H, P, N, chunk in (tuple(map(int, shape.split("x"))) for shape in a.ssd_shapes.split(",")):
+        inputs = ssd_inputs(H, P, N)
+        grads = [torch.ones(inp.shape, device="cuda", dtype=inp.dtype) for inp in inputs]
+        dy = torch.ones(inputs[0].shape, device="cuda", dtype=torch.bfloat16)
+
+        def run():
+            y = tg.ssd_scan_kernel(*inputs, chunk)
+            for g, d in zip(grads, torch.autograd.grad(y, inputs, dy)):
+                g.copy_(d)
+        eager = timed(run, a.iters)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        replay = timed(graph.replay, a.iters)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.iters):
+                run()
+            torch.cuda.synchronize()
+        kernels = sorted(((e.self_device_time_total / a.iters / 1000, e.count // a.iters, e.key)
+                          for e in prof.key_averages() if e.self_device_time_total > 0), reverse=True)
+        busy = sum(k[0] for k in kernels)
+        print(f"ssdprof 48x2048 H={H} P={P} N={N} chunk={chunk}: fwd+bwd {eager:.2f} ms (CUDA events), "
+              f"{replay:.2f} ms as one CUDA graph, kernels busy {busy:.2f} ms in {sum(k[1] for k in kernels)} launches")
+        for ms, count, name in kernels[:12]:
+            print(f"  {ms:6.3f} ms  x{count:<3d} {name[:90]}")
 
 
 def bench_attention(a):
@@ -264,6 +309,8 @@ ap.add_argument("--batch-seqs", type=int, default=64)
 ap.add_argument("--iters", type=int, default=10)
 ap.add_argument("--compile", action="store_true")
 ap.add_argument("--eval-chunks", type=int, default=64)
+ap.add_argument("--ssd-shapes", default="16x64x128x128,16x64x128x256,8x64x32x256",
+                help="ssdprof: heads x headdim x d_state x chunk, comma-separated")
 ap.add_argument("--data", default="", help="train: a shard folder to read tokens from instead of random ids")
 a = ap.parse_args()
 what = a.what.split(",")
@@ -271,6 +318,8 @@ if "attn" in what:
     bench_attention(a)
 if "ssd" in what:
     bench_ssd(a)
+if "ssdprof" in what:
+    bench_ssd_profile(a)
 if "layer" in what:
     bench_layers(tg.Hyperparameters(), a)
 if "embed" in what:
