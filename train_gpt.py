@@ -372,7 +372,7 @@ def segment_sums(a):
 
 # Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path.
 # ssd_fwd / ssd_bwd are mamba_ssm's Triton forward and backward, behind the custom op below.
-KERNELS = {"ssd_fwd": None, "ssd_bwd": None, "causal_conv1d": None, "attention": None, "embedding": None}
+KERNELS = {"ssd_fwd": None, "ssd_bwd": None, "causal_conv1d": None, "attention": None}
 
 
 def import_without_package_init(package, module):
@@ -399,7 +399,6 @@ def load_fast_kernels():
         found["causal_conv1d"] = (causal_conv1d_fn, "causal_conv1d-cuda")
     except Exception as e:
         found["causal_conv1d"] = (None, f"causal_conv1d: {e!r}")
-    found["embedding"] = (embedding_kernel, "custom-op")  # torch's own kernels: always there
     found["attention"] = (None, "neither flash_attn_interface (FA3) nor flash_attn (FA2) imports")
     for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
         try:
@@ -410,7 +409,7 @@ def load_fast_kernels():
     return found
 
 
-FALLBACKS = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "embedding": "torch", "attention": "torch-sdpa"}
+FALLBACKS = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "attention": "torch-sdpa"}
 
 
 def configure_kernels(hp, device, log=print):
@@ -418,8 +417,7 @@ def configure_kernels(hp, device, log=print):
     missing fast kernel is a warning, or an error under REQUIRE_FAST_KERNELS=1."""
     use = hp.fast_kernels and device.type == "cuda"
     found = load_fast_kernels() if use else {site: (None, None) for site in FALLBACKS}
-    KERNELS.update(causal_conv1d=found["causal_conv1d"][0], attention=found["attention"][0],
-                   embedding=found["embedding"][0])
+    KERNELS.update(causal_conv1d=found["causal_conv1d"][0], attention=found["attention"][0])
     KERNELS["ssd_fwd"], KERNELS["ssd_bwd"] = found["ssd"][0] or (None, None)
     log("kernels: " + " ".join(f"{site}={name if impl else FALLBACKS[site]}" for site, (impl, name) in found.items())
         + ("" if use else f" ({'FAST_KERNELS=0' if not hp.fast_kernels else 'no CUDA device'})"))
@@ -462,45 +460,6 @@ def _ssd_backward(ctx, grad):
 
 
 ssd_scan_kernel.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
-
-
-# The embedding as custom ops: compiled, its backward would become inductor's atomic adds into the table,
-# which contend on the tokens that repeat most (real text, unlike a random-token bench); opaque, it stays
-# torch's CUDA kernel, which sorts the ids and sums each run once.
-@torch.library.custom_op("pgolf::embedding", mutates_args=())
-def embedding_kernel(weight: Tensor, ids: Tensor) -> Tensor:
-    return F.embedding(ids, weight)
-
-
-embedding_kernel.register_fake(lambda weight, ids: weight.new_empty(*ids.shape, weight.size(1)))
-
-
-@torch.library.custom_op("pgolf::embedding_backward", mutates_args=())
-def embedding_kernel_backward(grad: Tensor, ids: Tensor, num_weights: int) -> Tensor:
-    return torch.ops.aten.embedding_dense_backward(grad, ids, num_weights, -1, False)
-
-
-embedding_kernel_backward.register_fake(lambda grad, ids, num_weights: grad.new_empty(num_weights, grad.size(-1)))
-
-
-def _embedding_setup_context(ctx, inputs, output):
-    weight, ids = inputs
-    ctx.save_for_backward(ids)
-    ctx.num_weights, ctx.dtype = weight.size(0), weight.dtype
-
-
-def _embedding_backward(ctx, grad):
-    return embedding_kernel_backward(grad, ctx.saved_tensors[0], ctx.num_weights).to(ctx.dtype), None
-
-
-embedding_kernel.register_autograd(_embedding_backward, setup_context=_embedding_setup_context)
-
-
-def embedding(ids, weight):
-    """Table lookup: the custom op on CUDA when configured, else F.embedding."""
-    if KERNELS["embedding"] is not None and ids.is_cuda:
-        return embedding_kernel(weight, ids)
-    return F.embedding(ids, weight)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size):
@@ -709,7 +668,7 @@ class BigramHash(nn.Module):
     def forward(self, ids):
         prev = F.pad(ids[:, :-1], (1, 0), value=-1)
         h = torch.where(prev < 0, self.buckets - 1, (prev * 36313 + ids * 27191) % (self.buckets - 1))
-        return self.proj(embedding(h, self.embed.weight))
+        return self.proj(self.embed(h))
 
 
 class HybridGPT(nn.Module):
@@ -744,7 +703,7 @@ class HybridGPT(nn.Module):
         return {self.num_encoder + j: self.num_encoder - 1 - j for j in range(self.num_skips)}
 
     def logits(self, ids):
-        x = embedding(ids, self.tok_emb.weight)
+        x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = x0 = F.rms_norm(x, (x.size(-1),))

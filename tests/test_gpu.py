@@ -81,17 +81,6 @@ def test_conv_kernel_matches_fallback(fast, dtype, tol):
     compare(tg.causal_conv1d, lambda *a: tg.causal_conv1d_torch(*(t.double() for t in a)), (x, w, bias), tol)
 
 
-def test_embedding_custom_op_matches_fallback_on_skewed_ids(fast):
-    """The token table's lookup as run on CUDA (the custom op), compiled, against float64 F.embedding, with a
-    third of the ids the same token, as frequent tokens are in text."""
-    torch.manual_seed(0)
-    weight = torch.randn(8192, 512, device="cuda", requires_grad=True)
-    ids = torch.where(torch.rand(64, 2048, device="cuda") < 0.3, 0, torch.randint(0, 8192, (64, 2048), device="cuda"))
-    assert tg.KERNELS["embedding"] is not None
-    run = torch.compile(lambda w: tg.embedding(ids, w), fullgraph=True, dynamic=False)
-    compare(run, lambda w: F.embedding(ids, w.double()), (weight,), 1e-4)
-
-
 @pytest.mark.parametrize("backend", ["kernel", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
 def test_attention_matches_fallback(fast, backend):
     """The flash-attention library when installed, and each SDPA backend torch may pick, in bf16, against

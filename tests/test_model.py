@@ -238,8 +238,7 @@ def test_kernel_configuration_on_cpu_uses_the_pytorch_paths():
     lines = []
     tg.configure_kernels(make_hp(), torch.device("cpu"), lines.append)
     assert all(v is None for v in tg.KERNELS.values())
-    assert lines == ["kernels: ssd=pytorch-chunked causal_conv1d=pytorch-shift-add embedding=torch attention=torch-sdpa "
-                     "(no CUDA device)"]
+    assert lines == ["kernels: ssd=pytorch-chunked causal_conv1d=pytorch-shift-add attention=torch-sdpa (no CUDA device)"]
 
 
 # The GPU libraries cannot load without a GPU, so these stand in for load_fast_kernels() and test only
@@ -249,7 +248,6 @@ def fake_found(ssd=True, conv=True, attention=True):
         return (lambda *a, **k: None), name
     return lambda: {"ssd": ((lambda: None, lambda: None), "mamba_ssm-triton") if ssd else (None, "mamba_ssm SSD: missing"),
                     "causal_conv1d": impl("causal_conv1d-cuda") if conv else (None, "causal_conv1d: missing"),
-                    "embedding": impl("custom-op"),
                     "attention": impl("fa3") if attention else (None, "no flash attention")}
 
 
@@ -258,7 +256,7 @@ def test_kernel_configuration_on_cuda_picks_what_imports(monkeypatch):
     lines = []
     tg.configure_kernels(make_hp(), torch.device("cuda"), lines.append)
     try:
-        assert lines == ["kernels: ssd=mamba_ssm-triton causal_conv1d=causal_conv1d-cuda embedding=custom-op attention=fa3"]
+        assert lines == ["kernels: ssd=mamba_ssm-triton causal_conv1d=causal_conv1d-cuda attention=fa3"]
         assert all(v is not None for v in tg.KERNELS.values())
     finally:
         tg.configure_kernels(make_hp(), torch.device("cpu"), lambda m: None)
@@ -277,29 +275,13 @@ def test_missing_kernel_warns_or_stops_under_require(monkeypatch):
     lines = []
     tg.configure_kernels(make_hp(), torch.device("cuda"), lines.append)
     try:
-        assert lines[0] == "kernels: ssd=pytorch-chunked causal_conv1d=causal_conv1d-cuda embedding=custom-op attention=torch-sdpa"
+        assert lines[0] == "kernels: ssd=pytorch-chunked causal_conv1d=causal_conv1d-cuda attention=torch-sdpa"
         assert lines[1].startswith("WARNING: fast kernels unavailable") and "mamba_ssm SSD: missing" in lines[1]
         assert "no flash attention" in lines[1]
         with pytest.raises(SystemExit, match="REQUIRE_FAST_KERNELS=1: .*mamba_ssm SSD: missing"):
             tg.configure_kernels(make_hp(REQUIRE_FAST_KERNELS=1), torch.device("cuda"), lines.append)
     finally:
         tg.configure_kernels(make_hp(), torch.device("cpu"), lambda m: None)
-
-
-def test_embedding_custom_op_matches_f_embedding_with_repeated_ids():
-    """The embedding custom op (used on CUDA so that inductor cannot turn its backward into contended atomic
-    adds): torch's opcheck of its registration, then output and table gradient equal to F.embedding's with
-    heavily repeated ids, eager and compiled (the op runs on CPU too)."""
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    ids = torch.cat([torch.zeros(300, dtype=torch.long), torch.randint(0, 50, (212,), generator=g)]).view(4, 128)
-    torch.library.opcheck(tg.embedding_kernel, (weight, ids))
-    grad_out = torch.randn(4, 128, 8, generator=g, dtype=torch.float64)
-    want = torch.autograd.grad(F.embedding(ids, weight), weight, grad_out)[0]
-    for fn in (tg.embedding_kernel, torch.compile(tg.embedding_kernel, fullgraph=True)):
-        out = fn(weight, ids)
-        torch.testing.assert_close(out, F.embedding(ids, weight))
-        torch.testing.assert_close(torch.autograd.grad(out, weight, grad_out)[0], want)
 
 
 def test_ssd_custom_op_wiring(monkeypatch):

@@ -10,13 +10,10 @@ env vars:
   layer: one Mamba-2 block and one attention block, compiled, fwd+bwd, with the profiler's top kernels;
   train: train_gpt's own train_step (COMPILE as configured, real optimizers, EMA) split into its parts
          (fwd+bwd, grad clip + optimizers, EMA, the loss sync), with the profiler's top kernels.
-  embed: the token embedding's lookup, compiled, fwd+bwd at 64 x 2048 ids: F.embedding (whose backward
-         inductor turns into atomic adds) vs train_gpt's custom op (torch's sorting CUDA kernel), on uniform
-         ids and on skewed ones (the shards under --data, else Zipf-distributed ids);
   eval: sliding-window scoring and score-first TTT on random tokens, eager vs compiled, first call (with
         compile) and second; run with the per-rank shapes of the real run, e.g. 8 GPUs, 32768-token TTT
         chunks: VAL_BATCH_SIZE=65536 TTT_CHUNK_TOKENS=4096 (one rank's share on one GPU).
-usage: python3 tools/bench_step.py [--what step,ssd,ssdprof,attn,layer,train,embed,eval] [--batch-seqs 64] [--iters 10] [--compile]"""
+usage: python3 tools/bench_step.py [--what step,ssd,ssdprof,attn,layer,train,eval] [--batch-seqs 64] [--iters 10] [--compile]"""
 import argparse, os, statistics, sys, time
 from pathlib import Path
 
@@ -256,26 +253,6 @@ def bench_train(hp, a):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
-def bench_embedding(hp, a):
-    n = a.batch_seqs * hp.train_seq_len
-    if a.data:
-        skewed = tg.DistributedTokenLoader(tg.shard_files(a.data, "train"), 0, 1, torch.device("cuda")).next_batch(
-            n, hp.train_seq_len)[0]
-    else:
-        zipf = 1.0 / torch.arange(1, hp.vocab_size + 1, dtype=torch.float64)
-        skewed = torch.multinomial(zipf, n, replacement=True).view(a.batch_seqs, hp.train_seq_len).cuda()
-    uniform = torch.randint(0, hp.vocab_size, skewed.shape, device="cuda")
-    weight = torch.randn(hp.vocab_size, hp.model_dim, device="cuda", requires_grad=True)
-    top = torch.bincount(skewed.flatten(), minlength=hp.vocab_size).max().item() / n
-    print(f"embed: {n:,} ids, table {hp.vocab_size}x{hp.model_dim}; skewed ids from {a.data or 'a Zipf law'}, "
-          f"commonest id {top:.1%} of them")
-    for name, lookup in (("F.embedding", lambda w, i: F.embedding(i, w)), ("custom op", tg.embedding_kernel)):
-        run = torch.compile(lambda w, i, lookup=lookup: lookup(w, i).square().mean(), dynamic=False)
-        for ids_name, ids in (("uniform", uniform), ("skewed", skewed)):
-            ms = timed(lambda: torch.autograd.grad(run(weight, ids), weight), a.iters)
-            print(f"embed {name} {ids_name} ids: {ms:.2f} ms fwd+bwd")
-
-
 def bench_eval(hp, a):
     hp.resolve_world(1)
     ctx = tg.Context()
@@ -322,8 +299,6 @@ if "ssdprof" in what:
     bench_ssd_profile(a)
 if "layer" in what:
     bench_layers(tg.Hyperparameters(), a)
-if "embed" in what:
-    bench_embedding(tg.Hyperparameters(), a)
 if "eval" in what:
     bench_eval(tg.Hyperparameters(), a)
 if "train" in what:
