@@ -15,8 +15,9 @@ import proxy_table  # noqa: E402
 def summary(val_bpb, **config_overrides):
     config = dict(tg.Hyperparameters({}).resolved, RUN_ID="x", SEED=1, MAX_WALLCLOCK_SECONDS=150.0)
     config.update(config_overrides)
-    return dict(val_bpb=val_bpb, val_bpb_prequant=val_bpb + 0.01, val_bpb_roundtrip=val_bpb + 0.011, steps=700,
-                step_ms=170.0, artifact_bytes=15_500_000, config=config)
+    return dict(val_bpb=val_bpb, val_bpb_prequant=val_bpb + 0.01, val_bpb_roundtrip=val_bpb + 0.011,
+                val_bpb_sliding=val_bpb, val_bpb_ttt=None, steps=700, step_ms=170.0, artifact_bytes=15_500_000,
+                config=config)
 
 
 def test_rows_show_only_model_differences_and_the_table_averages_seeds(tmp_path):
@@ -36,6 +37,12 @@ def test_rows_show_only_model_differences_and_the_table_averages_seeds(tmp_path)
     text = proxy_table.table(list(rows.values()))
     assert "| hybrid-default | 2 | 1.4500 |" in text and "| attention-only | 1 | 1.4000 |" in text
     assert "| attention-only | 1 | MAMBA_LAYERS= NUM_LAYERS=9 | 150 | 700 | 170.0 |" in text
+    # TTT off shows as such; a summary from before the sliding field shows a dash
+    assert "| 1.4100 | 1.4110 | 1.4000 | off | 1.4000 |" in text
+    old = summary(1.43)
+    del old["val_bpb_sliding"], old["val_bpb_ttt"]
+    (tmp_path / "old-seed1.json").write_text(json.dumps(old))
+    assert "| 1.4400 | 1.4410 | - | off | 1.4300 |" in proxy_table.table(proxy_table.rows([tmp_path / "old-seed1.json"]))
 
 
 # A stand-in for .bench/run_proxy.sh (which needs a GPU): it records the environment it was given as the

@@ -30,17 +30,24 @@ def rows(paths):
         label, seed = (m.group(1), int(m.group(2))) if m else (Path(path).stem, s["config"].get("SEED"))
         out.append(dict(label=label, seed=seed, diff=differences(s["config"], defaults) or "defaults",
                         budget=s["config"].get("MAX_WALLCLOCK_SECONDS"), steps=s["steps"], step_ms=s["step_ms"],
-                        prequant=s["val_bpb_prequant"], roundtrip=s["val_bpb_roundtrip"], final=s["val_bpb"],
+                        prequant=s["val_bpb_prequant"], roundtrip=s["val_bpb_roundtrip"],
+                        sliding=s.get("val_bpb_sliding"), ttt=s.get("val_bpb_ttt"), final=s["val_bpb"],
                         bytes=s["artifact_bytes"]))
     return out
 
 
+def bpb(value, missing):
+    return missing if value is None else f"{value:.4f}"
+
+
 def table(rs):
-    lines = ["| label | seed | settings | budget s | steps | step_ms | prequant | roundtrip | val_bpb | artifact bytes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """val_bpb is the run's final score: TTT's when it ran, else the sliding one (else roundtrip)."""
+    lines = ["| label | seed | settings | budget s | steps | step_ms | prequant | roundtrip | sliding | ttt | val_bpb | artifact bytes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rs, key=lambda r: (r["label"], r["seed"])):
         lines.append(f"| {r['label']} | {r['seed']} | {r['diff']} | {r['budget']:g} | {r['steps']} | {r['step_ms']:.1f} | "
-                     f"{r['prequant']:.4f} | {r['roundtrip']:.4f} | {r['final']:.4f} | {r['bytes']:,} |")
+                     f"{r['prequant']:.4f} | {r['roundtrip']:.4f} | {bpb(r['sliding'], '-')} | {bpb(r['ttt'], 'off')} | "
+                     f"{r['final']:.4f} | {r['bytes']:,} |")
     by_label = {}
     for r in rs:
         by_label.setdefault(r["label"], []).append(r["final"])
