@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from util import make_hp, randomize_weights
+from util import make_hp, randomize_weights, torchrun_smoke
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -145,16 +145,9 @@ def test_whole_model_compiles_without_graph_breaks(fast, env):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_run_keeps_ranks_identical(tmp_path):
-    """The whole pipeline under torchrun on 2 GPUs (compiled, fast kernels, compiled TTT); train_gpt checks
-    the ranks' parameter checksums after training and stops if they differ. The LR schedule and the stop
-    run by the wall clock only (huge ITERATIONS and WARMDOWN_ITERS): each rank reading its own clock once
-    made the replicas diverge on the proxy."""
-    env = dict(os.environ, SMOKE="1", COMPILE="1", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="20",
-               ITERATIONS="1000000", WARMDOWN_ITERS="1000000", TTT_ENABLED="1", EVAL_STRIDE="128",
-               RUN_ID="two_gpu_test", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+    """The whole pipeline under torchrun on 2 GPUs (compiled, fast kernels, compiled TTT, NCCL); train_gpt
+    checks the ranks' parameter checksums after training and stops if they differ."""
+    r = torchrun_smoke(tmp_path, 2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks in sync: 2 ranks" in r.stdout
     assert "ttt val_loss:" in r.stdout and "final_summary" in r.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from util import CPUContext, free_port, join_gloo, leave_gloo, make_hp, write_shard
+from util import CPUContext, free_port, join_gloo, leave_gloo, make_hp, torchrun_smoke, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,17 @@ def test_smoke_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "logs" / "pytest_smoke.int6.xz").stat().st_size == s["model_bytes"]
     assert s["train_seconds"] <= s["config"]["MAX_WALLCLOCK_SECONDS"] + 1.0
     assert "gptq: " in r.stdout and " 0 matrices with Hessians" not in r.stdout
+
+
+def test_two_rank_cpu_run_keeps_ranks_identical(tmp_path):
+    """The whole pipeline on 2 gloo ranks: gradients averaged over ranks (one flat all-reduce), rank 0's
+    clock shared, the sync check, rank 0 writing the artifact that both ranks load and evaluate, TTT
+    across ranks. Without the all-reduce the replicas drift apart and train_gpt stops with 'ranks diverged'."""
+    r = torchrun_smoke(tmp_path, 2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ranks in sync: 2 ranks" in r.stdout and "ttt val_loss:" in r.stdout
+    s = json.loads(r.stdout.strip().splitlines()[-1][len("final_summary "):])
+    assert s["world_size"] == 2 and s["val_bpb"] == s["val_bpb_ttt"]
 
 
 def test_compile_modes_wrap_what_they_say():
