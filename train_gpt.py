@@ -122,6 +122,10 @@ class Hyperparameters:
         self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 262_144, 0, 2**28)  # per rank; 0: RTN
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 15.0, 0.0, 3600.0)
         self.gptq_clip_search = self._flag("GPTQ_CLIP_SEARCH", 1)  # also try clipped scales, keep the better
+        # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (int6: 12.85 gives 0.41-std bins, about
+        # 3.4 bits a value against 5.5 at the default max-abs step): fewer bytes for more error. 0: max |w| / qmax
+        self.quant_sigmas = self._float("QUANT_SIGMAS", 0.0, 0.0, 100.0)
+        self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 0.0, 0.0, 1000.0)  # the same for the int8 tables
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
         # evaluation
         self.eval_stride = self._int("EVAL_STRIDE", 64, 0, 65536)  # 0: no sliding eval
@@ -1009,9 +1013,16 @@ def quant_kind(name, p):
     return "float"
 
 
-def row_scales(w, qmax):
+def row_scales(w, qmax, sigmas=0.0):
+    """Per-row grid step: max |w| / qmax, so nothing clips; or with sigmas > 0, sigmas x the row's std / qmax,
+    a bin width chosen relative to the row's spread (values past qmax steps clip). Wider bins leave fewer
+    distinct values, which LZMA codes in fewer bits (about 2.05 - log2(bin / std) for Gaussian rows)."""
+    spread = w.abs().amax(dim=1)
+    if sigmas:
+        std = w.std(dim=1)
+        spread = torch.where(std > 0, sigmas * std, spread)  # a constant row (std 0) keeps its exact max step
     # fp16 is how scales are stored, so round first: the quantizer then sees the exact stored scale
-    return (w.abs().amax(dim=1) / qmax).half().float().clamp_min(2**-24)  # 2**-24: fp16's smallest step
+    return (spread / qmax).half().float().clamp_min(2**-24)  # 2**-24: fp16's smallest step
 
 
 def round_to_grid(w, scale, qmax):
@@ -1026,8 +1037,8 @@ def hessian_row_errors(E, H):
     return ((E @ H) * E).sum(dim=1)
 
 
-def quantize_rtn(w, qmax):
-    scale = row_scales(w, qmax)
+def quantize_rtn(w, qmax, sigmas=0.0):
+    scale = row_scales(w, qmax, sigmas)
     return round_to_grid(w, scale, qmax).to(torch.int8), scale
 
 
@@ -1048,12 +1059,14 @@ def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
     return best_scale
 
 
-def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True):
+def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
     """GPTQ: quantize columns one at a time (largest Hessian diagonal first), pushing each column's
     rounding error onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
     With clip, GPTQ runs on both the full-range scales and clip_scales' and keeps whichever leaves the
     smaller Hessian-weighted error: on a trained model (tools/quant_study.py), clipped scales alone cost
-    +3.9% at int6, while keeping the better of the two saved 0.4-0.5% at int6, 3.4-3.7% at int5, 14-15% at int4."""
+    +3.9% at int6, while keeping the better of the two saved 0.4-0.5% at int6, 3.4-3.7% at int5, 14-15% at int4.
+    With sigmas > 0 the step is fixed by the row's std (row_scales) and there is no search: the step is
+    what sets the bytes."""
     W = w.float().clone()
     H = H.float().clone()
     rows, cols = W.shape
@@ -1065,7 +1078,7 @@ def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True):
     Hd += damp * torch.diag(Hd).mean() * torch.eye(cols, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
     best = None
-    for scale in [row_scales(W, qmax)] + ([clip_scales(W, H, qmax)] if clip else []):
+    for scale in [row_scales(W, qmax, sigmas)] + ([clip_scales(W, H, qmax)] if clip and not sigmas else []):
         Q = gptq_columns(W[:, order], Hinv, scale, qmax, block)[:, torch.argsort(order)]
         err = float(hessian_row_errors(W - Q.float() * scale[:, None], H).sum())
         if best is None or err < best[0]:
@@ -1115,28 +1128,29 @@ def collect_hessians(model, batches, ctx, names):
     return hessians
 
 
-def quantize_matrix(w, H, kind, clip=True, deadline=None, agree=bool):
+def quantize_matrix(w, H, kind, clip=True, deadline=None, agree=bool, sigmas=0.0):
     """-> (q, scale, on_time): GPTQ where a Hessian exists and the deadline allows, else round-to-nearest.
     `agree` turns this rank's "still in time" into the decision all ranks share."""
     if H is not None and agree(deadline is None or time.time() < deadline):
-        q, s = quantize_gptq(w.to(H.device), H, QMAX[kind], clip=clip)
+        q, s = quantize_gptq(w.to(H.device), H, QMAX[kind], clip=clip, sigmas=sigmas)
         return q.cpu(), s.cpu(), True
-    return (*quantize_rtn(w, QMAX[kind]), H is None)
+    return (*quantize_rtn(w, QMAX[kind], sigmas), H is None)
 
 
-def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool):
+def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
     """-> {name: (kind, q, scale)}: int6 via GPTQ where a Hessian exists (RTN past the deadline), int8
-    round-to-nearest for embeddings, float (q = the tensor, scale None) for the rest."""
+    round-to-nearest for embeddings, float (q = the tensor, scale None) for the rest. sigmas and
+    embed_sigmas: the grids' steps (row_scales) for the matrices and for the tables."""
     out, late = {}, 0
     for name, p in model.state_dict().items():
         w = p.detach().float().cpu()
         kind = quant_kind(name, p)
         if kind == "int6":
-            q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline, agree)
+            q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline, agree, sigmas)
             late += not on_time
             out[name] = (kind, q, s)
         elif kind == "int8":
-            out[name] = (kind, *quantize_rtn(w, INT8_MAX))
+            out[name] = (kind, *quantize_rtn(w, INT8_MAX, embed_sigmas))
         else:
             out[name] = (kind, w, None)
     if late:
@@ -1202,7 +1216,7 @@ def estimated_bytes(quantized):
 LOWER_KIND = {"int6": "int5", "int5": "int4"}
 
 
-def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, log=print):
+def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, log=print, sigmas=0.0):
     """The serialized model, at most limit_bytes. Over the cap, the least harmful means first: whole matrices
     go down one bit width at a time (int6 -> int5 -> int4, not below QUANT_MIN_BITS), cheapest first, the
     price of a step being its increase in Hessian-weighted error per byte saved (bytes from the values'
@@ -1228,7 +1242,7 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
         lower = LOWER_KIND.get(kind)
         if lower is None or int(lower[3:]) < min_bits:
             return None
-        q2, s2, _ = quantize_matrix(weights[name], hessians.get(name), lower, clip)
+        q2, s2, _ = quantize_matrix(weights[name], hessians.get(name), lower, clip, sigmas=sigmas)
         err2 = weighted_error(name, q2, s2)
         price = max(err2 - errors[name], 0.0) / max(entropy_bytes(q) - entropy_bytes(q2), 1.0)
         return price, name, lower, q2, s2, err2
@@ -1453,9 +1467,14 @@ def describe(hp, model, log, code_bytes):
     int8 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int8")
     flt = report["total"] - int6 - int8
     cap = int(hp.target_mb * 1e6)
-    # 0.74 bytes per quantized parameter after LZMA: 0.735 and 0.736 measured on 150-s proxy runs of the
-    # default hybrid and of pure attention (0.754 for an 11-layer hybrid); trained weights vary, so a guide
-    expected = int(0.74 * (int6 + int8) + 4 * flt + code_bytes)
+    # bits a value after LZMA: a Gaussian row's entropy on its grid, 2.05 - log2(step / std), plus 0.2 for
+    # heavier tails; a max-abs step is about 3.3 stds / qmax. With the default grids that is 5.5 (int6) and
+    # 7.5 (int8) bits, 0.738 bytes a parameter for the default model, where 0.735 and 0.736 were measured on
+    # 150-s proxy runs of the default hybrid and of pure attention; trained weights vary, so a guide
+    def value_bytes(qmax, sigmas):
+        return (2.25 + math.log2(qmax / (sigmas or 3.3))) / 8
+    expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
+                   + 4 * flt + code_bytes)
     log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "
         f"(cap {cap:,})")
     if expected > cap:
@@ -1490,7 +1509,8 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     (path, artifact bytes including code). Compression and any lowering of bit widths run on the
     Hessians already collected inside the training clock; their time is reported here, as export."""
     t0, cap = time.time(), int(hp.target_mb * 1e6)
-    blob = fit_to_cap(quantized, model, hessians, cap - code_bytes, hp.quant_min_bits, hp.gptq_clip_search, log=log)
+    blob = fit_to_cap(quantized, model, hessians, cap - code_bytes, hp.quant_min_bits, hp.gptq_clip_search, log=log,
+                      sigmas=hp.quant_sigmas)
     path = f"logs/{hp.run_id}.int6.xz"
     if ctx.is_main:
         Path(path).write_bytes(blob)
@@ -1633,10 +1653,14 @@ def main():
         hessians = collect_hessians(base_model, cal, ctx, names)
     deadline = time.time() + cap - clock.elapsed() if cap > 0 else None
     quantized = quantize_model(base_model, hessians, deadline, log, clip=hp.gptq_clip_search,
-                               agree=lambda in_time: bool(rank0_value(in_time, ctx)))
+                               agree=lambda in_time: bool(rank0_value(in_time, ctx)), sigmas=hp.quant_sigmas,
+                               embed_sigmas=hp.quant_embed_sigmas)
     train_seconds = clock.elapsed()
+    grid = lambda sigmas, qmax: f"{sigmas:g} stds/{qmax}" if sigmas else f"max|w|/{qmax}"
     log(f"gptq: {len(hessians)} matrices with Hessians, {time.time() - t_q:.1f}s; train_seconds:{train_seconds:.1f}"
-        + (f" (cap {cap:.0f}s)" if cap else ""))
+        + (f" (cap {cap:.0f}s)" if cap else "") + f"; steps: int6 {grid(hp.quant_sigmas, INT6_MAX)}"
+        + (" or clipped" if hp.gptq_clip_search and not hp.quant_sigmas else "")
+        + f", int8 {grid(hp.quant_embed_sigmas, INT8_MAX)}")
 
     artifact_path, artifact_bytes = write_artifact(quantized, base_model, hessians, hp, ctx, code_bytes, log)
     base_model.load_state_dict(deserialize(Path(artifact_path).read_bytes()))

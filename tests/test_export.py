@@ -7,8 +7,13 @@ pickle/torch.load, which are booby-trapped to prove the artifact reader never to
 import json
 import lzma
 import math
+import os
 import pickle
+import re
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +28,7 @@ CTX = types.SimpleNamespace(device=torch.device("cpu"), distributed=False, rank=
 SMALL_ENV = {"SMOKE": "1", "NUM_LAYERS": "2", "MAMBA_LAYERS": "0", "TRAIN_SEQ_LEN": "32",
              "EVAL_STRIDE": "16", "MAMBA_CHUNK_SIZE": "16", "SEED": "0", "RUN_ID": "test_export"}
 XZ_MAGIC = b"\xfd7zXZ\x00"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_hp(**overrides):
@@ -131,6 +137,84 @@ def test_quantize_rtn_zero_and_tiny_rows():
     assert bool((s > 0).all()) and bool(torch.isfinite(s).all()), f"scales {s.tolist()}"
     err = (q.float() * s[:, None] - w).abs()
     assert bool((err <= s[:, None] / 2 * (1 + 1e-5)).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# std-based grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS): a chosen bin width, bought with bytes
+# ---------------------------------------------------------------------------------------------
+
+def test_sigma_grid_step_is_sigmas_stds_over_qmax_and_clips_beyond():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 512, generator=g) * torch.logspace(-2, 1, 16)[:, None]
+    w[:, 0] = 20 * w.std(dim=1)  # one outlier per row, far past a 3-std range
+    q, s = tg.quantize_rtn(w, tg.INT6_MAX, sigmas=3.0)
+    assert torch.allclose(s, 3.0 * w.std(dim=1) / tg.INT6_MAX, rtol=1e-3) and torch.equal(s, s.half().float())
+    assert torch.equal(q[:, 0], torch.full((16,), tg.INT6_MAX, dtype=torch.int8))  # the outlier clips
+    inside = w.abs() <= tg.INT6_MAX * s[:, None]
+    err = (q.float() * s[:, None] - w).abs()
+    assert bool((err[inside] <= (s[:, None] / 2 * (1 + 1e-5)).expand_as(w)[inside]).all())
+    # sigmas 0 is the max-abs step, unchanged
+    assert torch.equal(tg.quantize_rtn(w, tg.INT6_MAX, sigmas=0.0)[1], tg.quantize_rtn(w, tg.INT6_MAX)[1])
+
+
+def test_sigma_grid_keeps_a_constant_row_exact():
+    w = torch.zeros(3, 8)
+    w[0] = 0.75  # std 0: a std-based step would be 0
+    w[2] = torch.linspace(-1, 1, 8)
+    q, s = tg.quantize_rtn(w, tg.INT6_MAX, sigmas=12.85)
+    assert bool((s > 0).all()) and torch.allclose(q[0].float() * s[0], w[0], rtol=1e-3)
+
+
+def test_wider_bins_cost_fewer_bytes_and_more_error():
+    """The trade the knob makes, on Gaussian rows: bytes fall about as the Gaussian entropy on the grid says
+    (2.05 - log2(step / std) bits a value, which the DRY_RUN estimate uses) while the error grows."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 1024, generator=g)
+    sizes, errors = [], []
+    for sigmas in (0.0, 6.0, 12.85, 19.3):
+        q, s = tg.quantize_rtn(w, tg.INT6_MAX, sigmas=sigmas)
+        sizes.append(len(lzma.compress(q.numpy().astype(np.int8).tobytes(), format=lzma.FORMAT_XZ,
+                                       filters=tg.LZMA_FILTERS)))
+        errors.append(float((q.float() * s[:, None] - w).square().mean()))
+    assert sizes == sorted(sizes, reverse=True) and errors == sorted(errors)
+    bits = 8 * sizes[2] / w.numel()
+    assert abs(bits - (2.05 - math.log2(12.85 / tg.INT6_MAX))) < 0.25, bits  # 3.32 bits expected
+    assert sizes[2] < 0.7 * sizes[0]
+
+
+def test_gptq_on_a_sigma_grid_keeps_the_step_and_beats_rtn(calibrated):
+    model, _, hessians, _ = calibrated
+    state = model.state_dict()
+    for name, H in list(hessians.items())[:3]:
+        W = state[name].float()
+        qg, sg = tg.quantize_gptq(W, H, tg.INT6_MAX, clip=True, sigmas=12.85)  # clip search: not with sigmas
+        qr, sr = tg.quantize_rtn(W, tg.INT6_MAX, sigmas=12.85)
+        assert torch.equal(sg, sr), name
+        assert hessian_error(W, qg.float() * sg[:, None], H) < hessian_error(W, qr.float() * sr[:, None], H), name
+
+
+def test_quantize_model_applies_each_grid_to_its_kind(calibrated):
+    model, _, hessians, _ = calibrated
+    state = model.state_dict()
+    out = tg.quantize_model(model, hessians, log=lambda m: None, sigmas=12.85, embed_sigmas=20.0)
+    for name, (kind, q, s) in out.items():
+        if kind == "int6":
+            assert torch.equal(s, tg.row_scales(state[name].float(), tg.INT6_MAX, 12.85)), name
+        elif kind == "int8":
+            assert torch.equal(q, tg.quantize_rtn(state[name].float(), tg.INT8_MAX, 20.0)[0]), name
+    assert len(tg.serialize(out)) < len(tg.serialize(tg.quantize_model(model, hessians, log=lambda m: None)))
+
+
+def test_dry_run_estimate_follows_the_grids():
+    """DRY_RUN's byte estimate: about 0.74 bytes a parameter by default (as measured on the proxy), and
+    smaller with wider grids."""
+    def estimate(**env):
+        r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, DRY_RUN="1", **env))
+        return int(re.search(r"about ([\d,]+) bytes", r.stdout).group(1).replace(",", ""))
+    default, wide = estimate(), estimate(QUANT_SIGMAS="12.85", QUANT_EMBED_SIGMAS="20")
+    assert 15_500_000 < default < 16_000_000  # 15.85-15.89 MB measured for the default model on the proxy
+    assert wide < 0.7 * default
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"ROPE_DIMS": "128"}, "ROPE_DIMS=128 must be even and at most the head dim (64)"),
     ({"QUANT_MIN_BITS": "8"}, "QUANT_MIN_BITS=8: expected an integer in [4, 6]"),
     ({"GPTQ_CLIP_SEARCH": "yes"}, "GPTQ_CLIP_SEARCH='yes': expected 0 or 1"),
+    ({"QUANT_SIGMAS": "-1"}, "QUANT_SIGMAS=-1.0: expected a number in [0.0, 100.0]"),
+    ({"QUANT_EMBED_SIGMAS": "abc"}, "QUANT_EMBED_SIGMAS='abc': expected a number in [0.0, 1000.0]"),
 ])
 def test_bad_values_rejected_naming_the_variable(env, needle):
     with pytest.raises(tg.ConfigError) as e:
