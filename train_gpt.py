@@ -123,7 +123,7 @@ class Hyperparameters:
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 15.0, 0.0, 3600.0)
         self.gptq_clip_search = self._flag("GPTQ_CLIP_SEARCH", 1)  # also try clipped scales, keep the better
         # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (int6: 12.85 gives 0.41-std bins, about
-        # 3.4 bits a value against 5.5 at the default max-abs step): fewer bytes for more error. 0: max |w| / qmax
+        # 3.5 bits a value against 5.5 at the default max-abs step): fewer bytes for more error. 0: max |w| / qmax
         self.quant_sigmas = self._float("QUANT_SIGMAS", 0.0, 0.0, 100.0)
         self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 0.0, 0.0, 1000.0)  # the same for the int8 tables
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
@@ -1269,7 +1269,8 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
         raise SystemExit(f"the model is {len(blob):,} bytes even with its matrices at QUANT_MIN_BITS={min_bits}, "
                          f"over the cap of {limit_bytes:,} model bytes: "
                          + ("allow fewer bits (QUANT_MIN_BITS=4) or " if min_bits > 4 else "")
-                         + "shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, MAMBA_EXPAND, VOCAB_SIZE)")
+                         + "shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, MAMBA_EXPAND, VOCAB_SIZE) or widen the "
+                         "grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS)")
     return blob
 
 
@@ -1480,7 +1481,7 @@ def describe(hp, model, log, code_bytes):
     if expected > cap:
         log(f"WARNING: this configuration will likely not fit TARGET_MB={hp.target_mb}: the export will lower bit widths "
             f"(to QUANT_MIN_BITS={hp.quant_min_bits}) and stop with an error if that is not enough. Shrink NUM_LAYERS, MODEL_DIM, MLP_MULT, "
-            "MAMBA_EXPAND or VOCAB_SIZE.")
+            "MAMBA_EXPAND or VOCAB_SIZE, or widen the grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS).")
     return report
 
 
