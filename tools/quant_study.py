@@ -3,7 +3,8 @@
 SMOKE's self-made corpus with train_gpt.py's own loop, collects GPTQ Hessians from training batches, then
 reports (1) Hessian-weighted error of GPTQ with full-range vs clipped scales at int6/int5/int4,
 (2) fitting under a tighter cap by lowering bit widths vs by pruning +-1 weights (error and val_bpb),
-(3) compressors, and (4) the embedding's width (val_bpb and bytes at int8/int7/int6).
+(3) compressors, (4) the embedding's width (val_bpb and bytes at int8/int7/int6), and (5) std-based grid steps
+(QUANT_SIGMAS, QUANT_EMBED_SIGMAS: bytes against val_bpb).
 usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
 import argparse, bz2, lzma, sys, tempfile, types, zlib
 from pathlib import Path
@@ -123,3 +124,10 @@ for bits, qmax in (("int8", 127), ("int7", 63), ("int6", 31)):
     trial["tok_emb.weight"] = ("int8", *tg.quantize_rtn(state["tok_emb.weight"].float(), qmax))
     b = tg.serialize(trial)
     print(f"  {bits}: {len(b):,} model bytes, val_bpb {val_bpb(tg.deserialize(b)):.4f}")
+
+print("\n5. grid steps (QUANT_SIGMAS for the int6 matrices, GPTQ; QUANT_EMBED_SIGMAS for the int8 tables, RTN)")
+float_bpb = val_bpb(state)
+for sigmas, embed_sigmas in ((0, 0), (6, 0), (12.85, 0), (19.3, 0), (0, 20), (12.85, 20)):
+    b = tg.serialize(tg.quantize_model(model, hessians, log=lambda m: None, sigmas=sigmas, embed_sigmas=embed_sigmas))
+    print(f"  QUANT_SIGMAS={sigmas:<5g} QUANT_EMBED_SIGMAS={embed_sigmas:<3g}: {len(b):,} model bytes "
+          f"({len(b) / len(blob) - 1:+.1%}), val_bpb {val_bpb(tg.deserialize(b)) - float_bpb:+.4f} from float")
