@@ -706,7 +706,8 @@ class HybridGPT(nn.Module):
         """{decoder position: encoder position whose output it receives}, positions in `order`."""
         return {self.num_encoder + j: self.num_encoder - 1 - j for j in range(self.num_skips)}
 
-    def logits(self, ids):
+    def hidden(self, ids):
+        """The final normalized residual stream: what the output head reads."""
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
@@ -725,7 +726,10 @@ class HybridGPT(nn.Module):
                 skips.append(x)
         if self.parallel_from < len(self.order):
             x = (lanes[0] + lanes[1]) / 2
-        x = F.rms_norm(x, (x.size(-1),))
+        return F.rms_norm(x, (x.size(-1),))
+
+    def logits(self, ids):
+        x = self.hidden(ids)
         logits = F.linear(x, (self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).to(x.dtype))
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits / self.softcap)
@@ -1105,21 +1109,28 @@ def gptq_columns(W, Hinv, scale, qmax, block):
 
 
 def collect_hessians(model, batches, ctx, names):
-    """H = sum over calibration tokens of x x^T for the input x of each named linear layer."""
+    """H = sum over calibration tokens of x x^T for the input x of each named matrix: a linear layer's, or
+    for the tied embedding ("tok_emb.weight", also the output head) the final hidden state."""
     modules = dict(model.named_modules())
     hessians, hooks = {}, []
+
+    def accumulate(key, x):
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        hessians[key].addmm_(x.T, x)
     for name in names:
+        if name == "tok_emb.weight":
+            assert model.lm_head is None, "the embedding reads no hidden state unless it is the tied head"
+            hessians[name] = torch.zeros(model.tok_emb.embedding_dim, model.tok_emb.embedding_dim, device=ctx.device)
+            continue
         mod = modules[name.removesuffix(".weight")]
         hessians[name] = torch.zeros(mod.in_features, mod.in_features, device=ctx.device)
-
-        def hook(m, inputs, key=name):
-            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            hessians[key].addmm_(x.T, x)
-        hooks.append(mod.register_forward_pre_hook(hook))
+        hooks.append(mod.register_forward_pre_hook(lambda m, inputs, key=name: accumulate(key, inputs[0])))
     model.eval()
     with torch.no_grad(), autocast(ctx.device):
         for x, y in batches:
-            model(x, y)
+            h = model.hidden(x)
+            if "tok_emb.weight" in hessians:
+                accumulate("tok_emb.weight", h)
     for h in hooks:
         h.remove()
     if ctx.distributed:
@@ -1138,15 +1149,20 @@ def quantize_matrix(w, H, kind, clip=True, deadline=None, agree=bool, sigmas=0.0
 
 
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
-    """-> {name: (kind, q, scale)}: int6 via GPTQ where a Hessian exists (RTN past the deadline), int8
-    round-to-nearest for embeddings, float (q = the tensor, scale None) for the rest. sigmas and
-    embed_sigmas: the grids' steps (row_scales) for the matrices and for the tables."""
+    """-> {name: (kind, q, scale)}: int6 via GPTQ where a Hessian exists (RTN past the deadline), int8 for
+    the tables (GPTQ for the tied embedding when its Hessian was collected, else round-to-nearest), float
+    (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids' steps (row_scales) for
+    the matrices and for the tables."""
     out, late = {}, 0
     for name, p in model.state_dict().items():
         w = p.detach().float().cpu()
         kind = quant_kind(name, p)
         if kind == "int6":
             q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline, agree, sigmas)
+            late += not on_time
+            out[name] = (kind, q, s)
+        elif kind == "int8" and name in hessians:  # the tied embedding, as the output head: GPTQ too
+            q, s, on_time = quantize_matrix(w, hessians[name], kind, clip, deadline, agree, embed_sigmas)
             late += not on_time
             out[name] = (kind, q, s)
         elif kind == "int8":
@@ -1645,7 +1661,10 @@ def main():
         prequant_loss, prequant_bpb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f}")
     t_q = time.time()
+    # the tied embedding is the output head too: GPTQ on the head's Hessian took its val_bpb cost from
+    # +0.00135 to +0.00076 at QUANT_EMBED_SIGMAS=20, +0.3% bytes (tools/quant_study.py section 6)
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
+    names += ["tok_emb.weight"] if base_model.lm_head is None else []
     hessians = {}
     if hp.gptq_calib_tokens >= hp.train_seq_len:
         ncal = hp.gptq_calib_tokens // hp.train_seq_len

@@ -382,6 +382,31 @@ def test_quantize_model_payloads(calibrated, quantized):
             assert torch.equal(q, tg.quantize_rtn(state[name].float(), tg.INT8_MAX)[0]), name
 
 
+def test_tied_embedding_hessian_is_the_head_input_and_gets_gptq(calibrated):
+    """The tied embedding is the output head too: its Hessian sums h h^T over the final hidden states h the
+    head reads, and with it the embedding is GPTQ-quantized (int8); the bigram table, with none, stays RTN."""
+    model, hp, hessians, batches = calibrated
+    H = tg.collect_hessians(model, batches, CTX, ["tok_emb.weight"])["tok_emb.weight"]
+    with torch.no_grad():
+        hs = [model.hidden(x).reshape(-1, hp.model_dim).float() for x, _ in batches]
+    torch.testing.assert_close(H, sum(h.T @ h for h in hs), rtol=1e-4, atol=1e-3)
+    state = model.state_dict()
+    out = tg.quantize_model(model, {**hessians, "tok_emb.weight": H}, log=lambda m: None, embed_sigmas=20.0)
+    W = state["tok_emb.weight"].float()
+    assert torch.equal(out["tok_emb.weight"][1], tg.quantize_gptq(W, H, tg.INT8_MAX, sigmas=20.0)[0])
+    rtn = tg.quantize_rtn(W, tg.INT8_MAX, 20.0)
+    head_error = lambda q, s: float(tg.hessian_row_errors(W - q.float() * s[:, None], H).sum())
+    assert head_error(*out["tok_emb.weight"][1:]) < 0.9 * head_error(*rtn)  # 0.70x here, random weights
+    bigram = state["bigram.embed.weight"].float()
+    assert torch.equal(out["bigram.embed.weight"][1], tg.quantize_rtn(bigram, tg.INT8_MAX, 20.0)[0])
+
+
+def test_untied_head_has_no_embedding_hessian():
+    model, _ = small_model(seed=0, TIE_EMBEDDINGS=0)
+    with pytest.raises(AssertionError, match="tied head"):
+        tg.collect_hessians(model, [], CTX, ["tok_emb.weight"])
+
+
 def test_quantize_model_falls_back_to_rtn_past_the_deadline(calibrated):
     model, _, hessians, _ = calibrated
     logs = []

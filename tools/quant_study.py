@@ -3,8 +3,9 @@
 SMOKE's self-made corpus with train_gpt.py's own loop, collects GPTQ Hessians from training batches, then
 reports (1) Hessian-weighted error of GPTQ with full-range vs clipped scales at int6/int5/int4,
 (2) fitting under a tighter cap by lowering bit widths vs by pruning +-1 weights (error and val_bpb),
-(3) compressors, (4) the embedding's width (val_bpb and bytes at int8/int7/int6), and (5) std-based grid steps
-(QUANT_SIGMAS, QUANT_EMBED_SIGMAS: bytes against val_bpb).
+(3) compressors, (4) the embedding's width (val_bpb and bytes at int8/int7/int6), (5) std-based grid steps
+(QUANT_SIGMAS, QUANT_EMBED_SIGMAS: bytes against val_bpb), and (6) the tied embedding by round to nearest
+or by GPTQ on the output head's Hessian.
 usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
 import argparse, bz2, lzma, sys, tempfile, types, zlib
 from pathlib import Path
@@ -131,3 +132,12 @@ for sigmas, embed_sigmas in ((0, 0), (6, 0), (12.85, 0), (19.3, 0), (0, 20), (12
     b = tg.serialize(tg.quantize_model(model, hessians, log=lambda m: None, sigmas=sigmas, embed_sigmas=embed_sigmas))
     print(f"  QUANT_SIGMAS={sigmas:<5g} QUANT_EMBED_SIGMAS={embed_sigmas:<3g}: {len(b):,} model bytes "
           f"({len(b) / len(blob) - 1:+.1%}), val_bpb {val_bpb(tg.deserialize(b)) - float_bpb:+.4f} from float")
+
+print("\n6. the tied embedding: round to nearest vs GPTQ on the head's Hessian (the final hidden states)")
+head_h = tg.collect_hessians(model, [loader.next_batch(hp.train_seq_len * 16, hp.train_seq_len) for _ in range(4)],
+                            ctx, ["tok_emb.weight"])
+for embed_sigmas in (0, 20):
+    for how, hs in (("round to nearest", {}), ("GPTQ", head_h)):
+        b = tg.serialize(tg.quantize_model(model, {**hessians, **hs}, log=lambda m: None, embed_sigmas=embed_sigmas))
+        print(f"  QUANT_EMBED_SIGMAS={embed_sigmas:<3g} {how:>16}: {len(b):,} model bytes, "
+              f"val_bpb {val_bpb(tg.deserialize(b)) - float_bpb:+.5f} from float")
