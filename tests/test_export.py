@@ -442,21 +442,38 @@ def test_ranks_agree_on_which_matrices_get_gptq(tmp_path):
     assert r0["q"].keys() == r1["q"].keys() and all(torch.equal(r0["q"][n], r1["q"][n]) for n in r0["q"])
 
 
-def test_artifact_format_is_lzma_json_raw(quantized, blob):
+def xz_streams(blob):
+    """The decompressed contents of each XZ stream in blob, in order."""
+    out = []
+    while blob:
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        out.append(d.decompress(blob))
+        assert d.eof
+        blob = d.unused_data
+    return out
+
+
+def test_artifact_format_is_four_xz_streams(quantized, blob):
+    """Header, then the integer values, the fp16 scales and the fp32 tensors, each an XZ stream of its own."""
     assert isinstance(blob, bytes) and blob.startswith(XZ_MAGIC)
-    raw = lzma.decompress(blob)
-    n = int.from_bytes(raw[:4], "little")
-    entries = json.loads(raw[4:4 + n].decode("utf-8"))
-    assert [e["name"] for e in entries] == list(quantized)
+    head, values, scales, floats = xz_streams(blob)
+    n = int.from_bytes(head[:4], "little")
+    entries = json.loads(head[4:].decode("utf-8"))
+    assert len(head) == 4 + n and [e["name"] for e in entries] == list(quantized)
     for e in entries:
         kind, q, s = quantized[e["name"]]
         assert e["kind"] == kind and e["shape"] == list(q.shape)
-        numel = q.numel()
-        want = {"float": [4 * numel], "int8": [2 * q.size(0), numel], "int6": [2 * q.size(0), numel]}[kind]
-        assert e["sizes"] == want, e["name"]
-    # header + the raw tensor bytes, nothing else (no trailing pickled object)
-    assert len(raw) == 4 + n + sum(sum(e["sizes"]) for e in entries)
-    assert b"\x80\x02" not in raw[:4 + n] and b"torch" not in raw[:4 + n]
+    ints = [quantized[e["name"]] for e in entries if e["kind"] != "float"]
+    assert values == b"".join(q.numpy().astype(np.int8).tobytes() for _, q, _ in ints)
+    assert scales == b"".join(s.numpy().astype("<f2").tobytes() for _, _, s in ints)
+    assert floats == b"".join(q.numpy().astype("<f4").tobytes() for k, q, _ in quantized.values() if k == "float")
+    assert lzma.decompress(blob) == head + values + scales + floats
+    assert b"\x80\x02" not in head and b"torch" not in head  # no pickled object anywhere
+
+
+def test_parts_apart_compress_smaller_than_one_stream(blob):
+    raw = lzma.decompress(blob)
+    assert len(blob) < len(lzma.compress(raw, format=lzma.FORMAT_XZ, filters=tg.LZMA_FILTERS))
 
 
 def test_serialize_deserialize_roundtrip(calibrated, quantized, blob, monkeypatch):
@@ -508,6 +525,9 @@ def test_deserialize_rejects_bad_bytes(blob):
         tg.deserialize(b"definitely not an artifact")
     with pytest.raises((lzma.LZMAError, EOFError)):
         tg.deserialize(blob[: len(blob) // 2])  # truncated download
+    head, values, scales, floats = xz_streams(blob)
+    with pytest.raises(ValueError, match="header describes"):  # a part missing, every stream intact
+        tg.deserialize(b"".join(lzma.compress(p, format=lzma.FORMAT_XZ) for p in (head, values, floats)))
     bad = lzma.compress((10).to_bytes(4, "little") + b'[{"name": ')  # header that is not JSON
     with pytest.raises(ValueError):
         tg.deserialize(bad)

@@ -5,9 +5,9 @@ reports (1) Hessian-weighted error of GPTQ with full-range vs clipped scales at 
 (2) fitting under a tighter cap by lowering bit widths vs by pruning +-1 weights (error and val_bpb),
 (3) compressors, (4) the embedding's width (val_bpb and bytes at int8/int7/int6), (5) std-based grid steps
 (QUANT_SIGMAS, QUANT_EMBED_SIGMAS: bytes against val_bpb), (6) the tied embedding by round to nearest
-or by GPTQ on the output head's Hessian, and (7) the artifact as one LZMA stream (as exported) against
-its parts (values, scales, float tensors) compressed apart, by LZMA with the best settings or by Brotli
-(if the brotli package imports).
+or by GPTQ on the output head's Hessian, and (7) the artifact as one LZMA stream against its parts
+(values, scales, float tensors) compressed apart (as exported), and each part by LZMA with the best
+settings or by Brotli (if the brotli package imports).
 usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
 import argparse, bz2, lzma, sys, tempfile, types, zlib
 from pathlib import Path
@@ -144,7 +144,8 @@ for embed_sigmas in (0, 20):
         print(f"  QUANT_EMBED_SIGMAS={embed_sigmas:<3g} {how:>16}: {len(b):,} model bytes, "
               f"val_bpb {val_bpb(tg.deserialize(b)) - float_bpb:+.5f} from float")
 
-print("\n7. one LZMA stream (as exported) vs the parts apart: LZMA's best lc/lp/pb each, or Brotli-11")
+print("\n7. the artifact as one LZMA stream vs its parts apart (as exported now), and each part by LZMA's best "
+      "lc/lp/pb or by Brotli-11")
 try:
     import brotli
 except ImportError:
@@ -161,7 +162,9 @@ for sigmas in (0, 12.85):
     parts = {"values": b"".join(q.numpy().astype("int8").tobytes() for k, q, s in qd.values() if k != "float"),
              "scales": b"".join(s.numpy().astype("<f2").tobytes() for k, q, s in qd.values() if k != "float"),
              "floats": b"".join(q.numpy().astype("<f4").tobytes() for k, q, s in qd.values() if k == "float")}
-    line = f"  QUANT_SIGMAS={sigmas:<5g}: one stream {len(tg.serialize(qd)):,};"
+    blob_parts = tg.serialize(qd)
+    one = len(lzma.compress(lzma.decompress(blob_parts), format=lzma.FORMAT_XZ, filters=tg.LZMA_FILTERS))
+    line = f"  QUANT_SIGMAS={sigmas:<5g}: one stream {one:,}, as exported (parts apart) {len(blob_parts):,};"
     for name, b in parts.items():
         best = min((raw_lzma(b, lc, lp, pb), f"lc{lc}lp{lp}pb{pb}") for lc in (0, 2, 4) for lp in (0, 1, 2)
                    for pb in (0, 1, 2) if lc + lp <= 4)
