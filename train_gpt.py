@@ -1415,10 +1415,12 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        el = time.time() - t0
+        first_s = el if ci == 0 else first_s  # the first chunk compiles scoring and adapting: no rate from it
         if ctx.is_main and (ci % max(1, num_chunks // 10) == 0):
-            el = time.time() - t0
+            eta = f"{(el - first_s) / ci * (num_chunks - ci - 1):.0f}s" if ci else "from chunk 2 (chunk 1 compiles)"
             log(f"ttt chunk {ci + 1}/{num_chunks} running_bpb:{stats_to_metrics(total)[1]:.4f} "
-                f"elapsed:{el:.0f}s eta:{el / (ci + 1) * (num_chunks - ci - 1):.0f}s")
+                f"elapsed:{el:.0f}s eta:{eta}")
     model.eval()
     loss, bpb = stats_to_metrics(total)
     el = time.time() - t0

@@ -281,6 +281,22 @@ def ttt_base(model, hp, luts):
     return tokens, run_ttt(model, tokens, hp, luts)
 
 
+def test_ttt_progress_lines(model, hp, luts, monkeypatch):
+    """A line per chunk but the last (4 chunks), with the running score; the ETA comes from the chunks after
+    the first, whose time is mostly compiling. The fake clock answers evaluate_ttt's start, then per chunk
+    its scoring start, score_windows' start, scoring end and chunk end: chunk 1 ends at 102 s, chunk 2 at
+    104 s, so 2 s a chunk and 4 s left after chunk 2 (a rate from the elapsed time would say 102 s)."""
+    clock = iter([0.0] + [100.0, 100.0, 100.0] + [102.0, 102.0] + [104.0, 104.0, 104.0] + [106.0] * 10)
+    monkeypatch.setattr(tg.time, "time", lambda: next(clock))
+    lines = []
+    tg.evaluate_ttt(copy.deepcopy(model), random_tokens(NTTT, seed=5), hp, 2, CTX, luts, log=lines.append)
+    chunks = [line for line in lines if line.startswith("ttt chunk")]
+    assert [c.split()[2] for c in chunks] == ["1/4", "2/4", "3/4", "4/4"][:len(chunks)] and len(chunks) == 3
+    assert "eta:from chunk 2" in chunks[0] and "running_bpb:" in chunks[0]
+    assert chunks[1].endswith("eta:4s"), chunks[1]
+    assert lines[-1].startswith("ttt: 4 chunks in ")
+
+
 def changed_after(tokens, pos, seed):
     """A copy with every token at index >= pos replaced by a different one."""
     t = tokens.clone()
