@@ -1157,16 +1157,11 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
     for name, p in model.state_dict().items():
         w = p.detach().float().cpu()
         kind = quant_kind(name, p)
-        if kind == "int6":
-            q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline, agree, sigmas)
+        if kind in ("int6", "int8"):  # int8 tables have no Hessian but the tied embedding's (the head's)
+            step = sigmas if kind == "int6" else embed_sigmas
+            q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline, agree, step)
             late += not on_time
             out[name] = (kind, q, s)
-        elif kind == "int8" and name in hessians:  # the tied embedding, as the output head: GPTQ too
-            q, s, on_time = quantize_matrix(w, hessians[name], kind, clip, deadline, agree, embed_sigmas)
-            late += not on_time
-            out[name] = (kind, q, s)
-        elif kind == "int8":
-            out[name] = (kind, *quantize_rtn(w, INT8_MAX, embed_sigmas))
         else:
             out[name] = (kind, w, None)
     if late:
