@@ -1411,7 +1411,8 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         el = time.time() - t0
-        first_s = el if ci == 0 else first_s  # the first chunk compiles scoring and adapting: no rate from it
+        if ci == 0:
+            first_s = el  # the first chunk compiles scoring and adapting: no rate from it
         if ctx.is_main and (ci % max(1, num_chunks // 10) == 0):
             eta = f"{(el - first_s) / ci * (num_chunks - ci - 1):.0f}s" if ci else "from chunk 2 (chunk 1 compiles)"
             log(f"ttt chunk {ci + 1}/{num_chunks} running_bpb:{stats_to_metrics(total)[1]:.4f} "
