@@ -29,15 +29,19 @@ class ConfigError(ValueError):
 
 DOWNLOAD_HINT = ("MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py "
                  "--variant sp8192 --train-shards 128")
-DEFAULT_MAMBA_LAYERS = "0,1,2,3,4,5"   # attention only in the last layer (best of the proxy search; README)
+# attention only in the last layer, as in the 7-layer proxy search (docs/); on the 11-layer record stack the
+# hybrid issue decides which layers earn a Mamba-2 block
+DEFAULT_MAMBA_LAYERS = "0,1,2,3,4,5,6,7,8,9"
 # SMOKE swaps in these defaults (a user's env still wins) so the whole pipeline runs in minutes on a CPU.
 SMOKE_DEFAULTS = dict(
     VOCAB_SIZE=320, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2.0,
     MAMBA_LAYERS="0,2,3", MAMBA_D_STATE=16, MAMBA_HEADDIM=16, MAMBA_EXPAND=2.0, MAMBA_CHUNK_SIZE=32,
+    RECUR_LAYERS="1,2", RECUR_LOOPS=1, PARALLEL_FROM=3, ROPE_DIMS=8,
     BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096, GRAD_ACCUM_STEPS=1,
-    ITERATIONS=300, WARMDOWN_ITERS=100, WARMUP_STEPS=0, LR_WARMUP_STEPS=10, VAL_BATCH_SIZE=16384,
+    ITERATIONS=300, WARMDOWN_FRAC=0.33, WARMUP_STEPS=0, LR_WARMUP_STEPS=10, VAL_BATCH_SIZE=16384,
     VAL_LOSS_EVERY=100, TRAIN_LOG_EVERY=50, MAX_WALLCLOCK_SECONDS=90, MATRIX_LR=0.02, MAMBA_MATRIX_LR=0.02,
-    SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.9, GPTQ_CALIB_TOKENS=16384, GPTQ_RESERVE_SECONDS=5,
+    SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=100, GPTQ_CALIB_TOKENS=16384,
+    GPTQ_RESERVE_SECONDS=5,
     EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
 
 
@@ -58,7 +62,10 @@ class Hyperparameters:
         self.require_fast_kernels = self._flag("REQUIRE_FAST_KERNELS", 0)  # 1: a missing kernel is an error
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
-        self.warmdown_iters = self._int("WARMDOWN_ITERS", 3500, 0, 10**7)
+        # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training, measured by the wall
+        # clock under MAX_WALLCLOCK_SECONDS, else by steps of ITERATIONS
+        self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.72, 0.0, 1.0)
+        self.min_lr = self._float("MIN_LR", 0.0, 0.0, 1.0)
         self.warmup_steps = self._int("WARMUP_STEPS", 20, 0, 1000)  # compile warm-up, then weights reset
         self.lr_warmup_steps = self._int("LR_WARMUP_STEPS", 0, 0, 10**6)
         self.train_batch_tokens = self._int("TRAIN_BATCH_TOKENS", 786_432, 1, 2**30)
@@ -69,17 +76,19 @@ class Hyperparameters:
         self.train_log_every = self._int("TRAIN_LOG_EVERY", 200, 1, 10**7)
         self.max_wallclock_seconds = self._float("MAX_WALLCLOCK_SECONDS", 600.0, 0.0, 1e6)
         # model shape
-        self.num_layers = self._int("NUM_LAYERS", 7, 1, 128)
+        self.num_layers = self._int("NUM_LAYERS", 11, 1, 128)
         self.model_dim = self._int("MODEL_DIM", 512, 8, 16384)
         self.num_heads = self._int("NUM_HEADS", 8, 1, 256)
         self.num_kv_heads = self._int("NUM_KV_HEADS", 4, 1, 256)
-        self.mlp_mult = self._float("MLP_MULT", 3.0, 0.0, 64.0)
+        self.mlp_mult = self._float("MLP_MULT", 4.0, 0.0, 64.0)
         self.tie_embeddings = self._flag("TIE_EMBEDDINGS", 1)
         self.rope_base = self._float("ROPE_BASE", 10000.0, 1.0, 1e9)
-        self.rope_dims = self._int("ROPE_DIMS", 0, 0, 1024)  # rotated dims per head; 0: all (partial RoPE: e.g. 16)
-        self.attn_xsa = self._flag("ATTN_XSA", 0)  # 1: remove each output's component along its own value
+        self.rope_dims = self._int("ROPE_DIMS", 16, 0, 1024)  # rotated dims per head (partial RoPE); 0: all
+        self.attn_xsa = self._flag("ATTN_XSA", 1)  # 1: remove each output's component along its own value
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
-        self.qk_gain_init = self._float("QK_GAIN_INIT", 1.5, 0.0, 100.0)
+        self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
+        self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
+        self.skip_gates = self._flag("SKIP_GATES", 1)  # 1: U-Net skips mixed in by learned sigmoid gates
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
         self.mamba_d_state = self._int("MAMBA_D_STATE", 32, 1, 512)
@@ -89,48 +98,53 @@ class Hyperparameters:
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
         self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)  # Triton SSD: 4.3 vs 5.8 ms at 128 (README)
         self.mamba_mlp = self._flag("MAMBA_MLP", 1)
-        # depth recurrence: these consecutive layers run a second time, right after their first pass (more
-        # depth for no bytes); the U-Net's halves and skips are over the resulting sequence of layers
-        self.recur_layers = self._layers("RECUR_LAYERS", "")
-        # parallel residual lanes from this position (as run) on, in the decoder half; 0: off
-        self.parallel_from = self._int("PARALLEL_FROM", 0, 0, 256)
-        self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 2048, 0, 2**20)  # 0: off
+        # depth recurrence: these consecutive layers run RECUR_LOOPS more times right after their first pass
+        # (depth for no bytes), from RECUR_START_FRAC of training on (by the same clock as the warmdown) and in
+        # every evaluation; the U-Net's halves and skips are over the resulting sequence of layers
+        self.recur_layers = self._layers("RECUR_LAYERS", "3,4,5")
+        self.recur_loops = self._int("RECUR_LOOPS", 2, 1, 16)
+        self.recur_start_frac = self._float("RECUR_START_FRAC", 0.35, 0.0, 1.0)
+        # blocks from this index on read one input for mixer and MLP (parallel residual); 0: off
+        self.parallel_from = self._int("PARALLEL_FROM", 7, 0, 128)
+        self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 0, 0, 2**20)  # 0: off
         self.bigram_dim = self._int("BIGRAM_DIM", 128, 1, 4096)
         # optimizers
-        self.matrix_lr = self._float("MATRIX_LR", 0.04, 0.0, 10.0)
-        self.mamba_matrix_lr = self._float("MAMBA_MATRIX_LR", 0.04, 0.0, 10.0)
-        self.scalar_lr = self._float("SCALAR_LR", 0.04, 0.0, 10.0)
-        self.tied_embed_lr = self._float("TIED_EMBED_LR", 0.05, 0.0, 10.0)
+        self.matrix_lr = self._float("MATRIX_LR", 0.022, 0.0, 10.0)
+        self.mamba_matrix_lr = self._float("MAMBA_MATRIX_LR", 0.022, 0.0, 10.0)
+        self.scalar_lr = self._float("SCALAR_LR", 0.02, 0.0, 10.0)
+        self.tied_embed_lr = self._float("TIED_EMBED_LR", 0.03, 0.0, 10.0)
         self.embed_lr = self._float("EMBED_LR", 0.6, 0.0, 10.0)
         self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
-        self.muon_momentum = self._float("MUON_MOMENTUM", 0.95, 0.0, 0.9999)
+        self.muon_momentum = self._float("MUON_MOMENTUM", 0.99, 0.0, 0.9999)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
-        self.muon_row_norm = self._flag("MUON_ROW_NORM", 0)  # 1: each row of the update to unit norm before orthogonalizing
-        self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.85, 0.0, 0.9999)
-        self.muon_momentum_warmup_steps = self._int("MUON_MOMENTUM_WARMUP_STEPS", 500, 0, 10**6)
+        self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: each row of the update to unit norm before orthogonalizing
+        self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.92, 0.0, 0.9999)
+        self.muon_momentum_warmup_steps = self._int("MUON_MOMENTUM_WARMUP_STEPS", 1500, 0, 10**6)
         self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
         self.beta2 = self._float("BETA2", 0.95, 0.0, 0.99999)
         self.adam_eps = self._float("ADAM_EPS", 1e-8, 1e-12, 1e-2)
-        # decoupled weight decay (p -= lr * wd * p): Muon's matrices, and Adam's embeddings / head only (a
-        # decay would pull the gains, mixes, A_log and D of the scalar group toward 0)
-        self.muon_wd = self._float("MUON_WD", 0.0, 0.0, 1.0)
-        self.adam_wd = self._float("ADAM_WD", 0.0, 0.0, 1.0)
+        # decoupled weight decay (p -= lr * wd * p): Muon's matrices; the embedding tables; Adam's block and skip
+        # controls. Mamba's SSM parameters (A_log, dt_bias, D, conv) and an untied head are never decayed: a pull
+        # toward 0 there changes memory lengths, not just scale
+        self.muon_wd = self._float("MUON_WD", 0.095, 0.0, 1.0)
+        self.embed_wd = self._float("EMBED_WD", 0.085, 0.0, 1.0)
+        self.adam_wd = self._float("ADAM_WD", 0.02, 0.0, 1.0)
         self.grad_clip_norm = self._float("GRAD_CLIP_NORM", 0.3, 0.0, 1e6)  # 0: off
-        self.ema_decay = self._float("EMA_DECAY", 0.997, 0.0, 0.99999)    # 0: off
+        self.ema_decay = self._float("EMA_DECAY", 0.9965, 0.0, 0.99999)    # 0: off
         # export
         self.target_mb = self._float("TARGET_MB", 16.0, 0.1, 16.0)
-        self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 262_144, 0, 2**28)  # per rank; 0: RTN
-        self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 15.0, 0.0, 3600.0)
+        self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 64 * 98_304, 0, 2**28)  # per rank; 0: RTN
+        self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 12.0, 0.0, 3600.0)
         self.gptq_clip_search = self._flag("GPTQ_CLIP_SEARCH", 1)  # also try clipped scales, keep the better
         # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (int6: 12.85 gives 0.41-std bins, about
         # 3.5 bits a value against 5.5 at the default max-abs step): fewer bytes for more error. 0: max |w| / qmax
-        self.quant_sigmas = self._float("QUANT_SIGMAS", 0.0, 0.0, 100.0)
-        self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 0.0, 0.0, 1000.0)  # the same for the int8 tables
+        self.quant_sigmas = self._float("QUANT_SIGMAS", 12.85, 0.0, 100.0)
+        self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 20.0, 0.0, 1000.0)  # the same for the int8 tables
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
         # evaluation
         self.eval_stride = self._int("EVAL_STRIDE", 64, 0, 65536)  # 0: no sliding eval
         self.ttt_enabled = self._flag("TTT_ENABLED", 1)
-        self.ttt_lr = self._float("TTT_LR", 0.002, 0.0, 10.0)
+        self.ttt_lr = self._float("TTT_LR", 0.005, 0.0, 10.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, 1, 100)
         self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32768, 16, 2**30)
         self.ttt_momentum = self._float("TTT_MOMENTUM", 0.9, 0.0, 0.9999)
@@ -194,10 +208,9 @@ class Hyperparameters:
                 e(f"{name} has {bad}: expected indices in [0, {self.num_layers - 1}] (NUM_LAYERS={self.num_layers})")
         if self.recur_layers and self.recur_layers != list(range(self.recur_layers[0], self.recur_layers[-1] + 1)):
             e(f"RECUR_LAYERS={self.resolved['RECUR_LAYERS']}: expected consecutive layers, e.g. 3,4")
-        run = self.num_layers + len(self.recur_layers)  # layers as run
-        if self.parallel_from and not run // 2 <= self.parallel_from < run:
-            e(f"PARALLEL_FROM={self.parallel_from} must be a decoder position, in [{run // 2}, {run - 1}] "
-              f"({run} layers as run), or 0 (off)")
+        if self.parallel_from >= self.num_layers:
+            e(f"PARALLEL_FROM={self.parallel_from} must be a block index in [1, {self.num_layers - 1}] "
+              f"(NUM_LAYERS={self.num_layers}), or 0 (off)")
         d_inner = self.mamba_d_inner
         if d_inner % self.mamba_headdim:
             e(f"MAMBA_EXPAND*MODEL_DIM={d_inner} must be a multiple of MAMBA_HEADDIM={self.mamba_headdim}")
@@ -208,6 +221,9 @@ class Hyperparameters:
         head_dim = self.model_dim // max(self.num_heads, 1)
         if self.rope_dims % 2 or self.rope_dims > head_dim:
             e(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim ({head_dim}); 0 rotates all")
+        if 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+            e(f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} leaves no training time after "
+              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds:g}: set it above the reserve, or 0 for no cap")
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
         if self.ttt_enabled and self.eval_stride == 0:
@@ -514,6 +530,7 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
 
@@ -610,53 +627,32 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
 
-class BlockScalars(nn.Module):
-    """A block's per-channel residual controls. A block's second pass (RECUR_LAYERS) has its own set, so
-    the two passes can weigh the same weights differently."""
+class Block(nn.Module):
+    """Pre-norm residual block: a mixer (attention or Mamba-2), then an MLP. `parallel`: both read the same
+    input (x + mixer(x) + mlp(x)). Block i's normalized inputs are scaled by 1/sqrt(i+1) under LN_SCALE, so
+    deeper blocks write smaller updates; a block that runs several times (RECUR_LAYERS) keeps its factor."""
 
-    def __init__(self, dim, has_mlp):
+    def __init__(self, hp, index, is_mamba):
         super().__init__()
-        self.mixer_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim)) if has_mlp else None
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
-
-
-class Block(BlockScalars):
-    def __init__(self, hp, is_mamba):
-        has_mlp = hp.mlp_mult > 0 and (hp.mamba_mlp or not is_mamba)
-        super().__init__(hp.model_dim, has_mlp)
+        dim = hp.model_dim
         self.mixer = Mamba2(hp) if is_mamba else Attention(hp)
-        self.mlp = MLP(hp.model_dim, hp.mlp_mult) if has_mlp else None
+        self.mlp = MLP(dim, hp.mlp_mult) if hp.mlp_mult > 0 and (hp.mamba_mlp or not is_mamba) else None
+        self.mixer_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim)) if self.mlp is not None else None
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
+        self.norm_scale = 1 / math.sqrt(index + 1) if hp.ln_scale else 1.0
+        self.parallel = bool(hp.parallel_from) and index >= hp.parallel_from and self.mlp is not None
 
-    # the three steps of a block, each with scalars s (the block's own, or a second pass's)
-    def mix_in(self, s, x, x0):
-        mix = s.resid_mix.to(x.dtype)
-        return mix[0] * x + mix[1] * x0
+    def norm(self, x):
+        return F.rms_norm(x, (x.size(-1),)) * self.norm_scale
 
-    def mixer_out(self, s, x):
-        return s.mixer_scale.to(x.dtype) * self.mixer(F.rms_norm(x, (x.size(-1),)))
-
-    def mlp_out(self, s, x):
-        return s.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
-
-    def forward(self, x, x0, scalars=None):
-        s = self if scalars is None else scalars
-        x = self.mix_in(s, x, x0)
-        x = x + self.mixer_out(s, x)
-        return x + self.mlp_out(s, x) if self.mlp is not None else x
-
-    def forward_lanes(self, a, b, x0, writes, scalars=None):
-        """Two residual lanes (PARALLEL_FROM): the mixer reads lane a, the MLP lane b, and each writes to
-        both with learned per-channel weights (writes: mixer->a, mixer->b, mlp->a, mlp->b). All ones, with
-        a == b, is exactly forward()."""
-        s, w = (self if scalars is None else scalars), writes.to(a.dtype)
-        a, b = self.mix_in(s, a, x0), self.mix_in(s, b, x0)
-        out = self.mixer_out(s, a)
-        a, b = a + w[0] * out, b + w[1] * out
-        if self.mlp is not None:
-            out = self.mlp_out(s, b)
-            a, b = a + w[2] * out, b + w[3] * out
-        return a, b
+    def forward(self, x, x0):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        out = x + self.mixer_scale.to(x.dtype) * self.mixer(self.norm(x))
+        if self.mlp is None:
+            return out
+        return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.parallel else out))
 
 
 class BigramHash(nn.Module):
@@ -675,36 +671,51 @@ class BigramHash(nn.Module):
         return self.proj(self.embed(h))
 
 
+def layer_order(num_layers, recur_layers, loops):
+    """The blocks in the order they run: RECUR_LAYERS' segment `loops` more times right after its first pass."""
+    if not recur_layers:
+        return list(range(num_layers))
+    last = recur_layers[-1] + 1
+    return list(range(last)) + recur_layers * loops + list(range(last, num_layers))
+
+
 class HybridGPT(nn.Module):
     """U-Net over layers: the first half's outputs feed the second half in reverse order through learned
-    per-channel skip weights. MAMBA_LAYERS picks which layers mix with Mamba-2, the rest with attention;
-    RECUR_LAYERS run twice, so the U-Net is over `order`, the sequence of layers as they run."""
+    per-channel skip weights (with SKIP_GATES, mixed in by a learned sigmoid gate, lerp(skip, x, gate)).
+    MAMBA_LAYERS picks which blocks mix with Mamba-2, the rest with attention. `order` is the sequence of
+    blocks as they run: plain until `looping` is switched on (RECUR_START_FRAC), then with the recurrence."""
 
     def __init__(self, hp):
         super().__init__()
         self.softcap, self.vocab_size = hp.logit_softcap, hp.vocab_size
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
-        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab_size else None
         self.is_mamba = [i in hp.mamba_layers for i in range(hp.num_layers)]
-        self.blocks = nn.ModuleList(Block(hp, m) for m in self.is_mamba)
-        last = hp.recur_layers[-1] + 1 if hp.recur_layers else 0
-        self.order = list(range(last)) + hp.recur_layers + list(range(last, hp.num_layers))
-        repeats = [i for i, b in enumerate(self.order) if b in self.order[:i]]
-        self.recur_scalars = nn.ModuleList(BlockScalars(hp.model_dim, self.blocks[self.order[i]].mlp is not None)
-                                           for i in repeats)
-        self.scalars_at = {i: self.recur_scalars[k] for k, i in enumerate(repeats)}  # position -> its second-pass set
-        self.num_encoder = len(self.order) // 2
-        self.num_skips = min(self.num_encoder, len(self.order) - self.num_encoder)
-        self.parallel_from = hp.parallel_from or len(self.order)  # the first position with two lanes
-        lanes = len(self.order) - self.parallel_from
-        self.lane_writes = nn.Parameter(torch.ones(lanes, 4, hp.model_dim)) if lanes else None
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        self.blocks = nn.ModuleList(Block(hp, i, m) for i, m in enumerate(self.is_mamba))
+        self.plain_order = list(range(hp.num_layers))
+        self.looped_order = layer_order(hp.num_layers, hp.recur_layers, hp.recur_loops)
+        self.looping = False
+        num_skips = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (self.plain_order, self.looped_order))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim)) if hp.skip_gates else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+        for m in self.modules():  # orthogonal matrices: every direction of the input starts with the same gain
+            if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+
+    @property
+    def order(self):
+        return self.looped_order if self.looping else self.plain_order
+
+    @property
+    def num_encoder(self):
+        return len(self.order) // 2
 
     def skip_map(self):
         """{decoder position: encoder position whose output it receives}, positions in `order`."""
-        return {self.num_encoder + j: self.num_encoder - 1 - j for j in range(self.num_skips)}
+        n = self.num_encoder
+        return {n + j: n - 1 - j for j in range(min(n, len(self.order) - n))}
 
     def hidden(self, ids):
         """The final normalized residual stream: what the output head reads."""
@@ -712,20 +723,18 @@ class HybridGPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = x0 = F.rms_norm(x, (x.size(-1),))
-        skips = []
+        skips, skip_map = [], self.skip_map()
         for i, layer in enumerate(self.order):
-            skip = (self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-                    if self.num_encoder <= i < self.num_encoder + self.num_skips else 0)
-            if i < self.parallel_from:
-                x = self.blocks[layer](x + skip, x0, self.scalars_at.get(i))
-            else:  # from parallel_from on (decoder only), two lanes; a skip joins both
-                a, b = (x, x) if i == self.parallel_from else lanes
-                writes = self.lane_writes[i - self.parallel_from]
-                lanes = self.blocks[layer].forward_lanes(a + skip, b + skip, x0, writes, self.scalars_at.get(i))
+            if i in skip_map:
+                j = i - self.num_encoder
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                if self.skip_gates is None:
+                    x = x + skip
+                else:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            x = self.blocks[layer](x, x0)
             if i < self.num_encoder:
                 skips.append(x)
-        if self.parallel_from < len(self.order):
-            x = (lanes[0] + lanes[1]) / 2
         return F.rms_norm(x, (x.size(-1),))
 
     def logits(self, ids):
@@ -750,8 +759,7 @@ def parameter_report(model):
             kind = "mamba" if model.is_mamba[i] else "attention"
             part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
         else:
-            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head", "recur_scalars": "block_scalars",
-                    "lane_writes": "block_scalars"}.get(name.split(".")[0], "skips")
+            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head"}.get(name.split(".")[0], "skips")
         parts[part] = parts.get(part, 0) + p.numel()
     parts["total"] = sum(p.numel() for p in model.parameters())
     return parts
@@ -819,23 +827,36 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(order, [u.view_as(p).to(p.dtype) for u, p in zip(updates, order)], alpha=-group["lr"])
 
 
-def build_optimizers(model, hp):
-    """Every parameter lands in exactly one group; each group's base_lr is scaled by the schedule."""
-    matrices, mamba_matrices, embeddings, head, scalars = [], [], [], [], []
+MAMBA_SSM_PARAMS = ("A_log", "dt_bias", "D", "conv_weight", "conv_bias", "norm_weight")
+
+
+def optimizer_groups(model):
+    """{group: [(name, parameter)]}: every parameter in exactly one group."""
+    groups = {g: [] for g in ("matrices", "mamba_matrices", "embeddings", "head", "controls", "ssm")}
     for name, p in model.named_parameters():
         if name.startswith("tok_emb.") or name.startswith("bigram.embed."):
-            embeddings.append(p)
+            group = "embeddings"
         elif name.startswith("lm_head."):
-            head.append(p)
-        elif p.ndim == 2 and name.endswith(".weight") and not name.startswith("skip_weights"):
-            (mamba_matrices if ".mixer.in_proj." in name or ".mixer.out_proj." in name else matrices).append(p)
-        else:
-            scalars.append(p)
-    muon_groups = [dict(params=g, lr=lr, base_lr=lr) for g, lr in
-                   ((matrices, hp.matrix_lr), (mamba_matrices, hp.mamba_matrix_lr)) if g]
+            group = "head"
+        elif p.ndim == 2 and name.endswith(".weight"):
+            group = "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
+        elif name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS:
+            group = "ssm"
+        else:  # per-channel gains and mixes, q gains, skip weights and gates
+            group = "controls"
+        groups[group].append((name, p))
+    return groups
+
+
+def build_optimizers(model, hp):
+    """Muon for the matrices, Adam for the rest; each group's base_lr is scaled by the schedule."""
+    g = {k: [p for _, p in v] for k, v in optimizer_groups(model).items()}
+    muon_groups = [dict(params=ps, lr=lr, base_lr=lr) for ps, lr in
+                   ((g["matrices"], hp.matrix_lr), (g["mamba_matrices"], hp.mamba_matrix_lr)) if ps]
     embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
-    adam_groups = [dict(params=g, lr=lr, base_lr=lr, weight_decay=wd) for g, lr, wd in
-                   ((embeddings, embed_lr, hp.adam_wd), (head, hp.head_lr, hp.adam_wd), (scalars, hp.scalar_lr, 0.0)) if g]
+    adam_groups = [dict(params=ps, lr=lr, base_lr=lr, weight_decay=wd) for ps, lr, wd in
+                   ((g["embeddings"], embed_lr, hp.embed_wd), (g["head"], hp.head_lr, 0.0),
+                    (g["controls"], hp.scalar_lr, hp.adam_wd), (g["ssm"], hp.scalar_lr, 0.0)) if ps]
     opts = [torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
                               fused=next(model.parameters()).is_cuda)]
     if muon_groups:
@@ -851,17 +872,18 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def lr_scale(step, elapsed_s, hp, train_budget_s):
-    """Linear warmup, flat, then linear warmdown over the last WARMDOWN_ITERS steps; with a wall
-    clock, the warmdown is placed by time, using the mean step time so far."""
+def training_fraction(step, elapsed_s, hp, train_budget_s):
+    """How far training is, in [0, 1]: by the wall clock when there is a budget, else by steps."""
+    frac = elapsed_s / train_budget_s if train_budget_s > 0 else step / hp.iterations
+    return min(max(frac, 0.0), 1.0)
+
+
+def lr_scale(step, frac, hp):
+    """Linear warmup over LR_WARMUP_STEPS, flat, then a linear fall to MIN_LR over the last WARMDOWN_FRAC."""
     warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps else 1.0
-    if hp.warmdown_iters == 0:
+    if hp.warmdown_frac == 0 or frac < 1 - hp.warmdown_frac:
         return warm
-    if train_budget_s > 0 and step > 0:
-        warmdown_s = hp.warmdown_iters * elapsed_s / step
-        remaining_s = max(train_budget_s - elapsed_s, 0.0)
-        return warm * min(1.0, remaining_s / max(warmdown_s, 1e-9))
-    return warm * min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+    return warm * max((1 - frac) / hp.warmdown_frac, hp.min_lr)
 
 
 class EMA:
@@ -904,8 +926,9 @@ def average_gradients(params, ctx):
         p.grad = g.view_as(p).to(p.dtype)
 
 
-def train_step(model, opts, loader, hp, ctx, step, elapsed_s, train_budget_s):
-    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean train loss (float)."""
+def train_step(model, opts, loader, hp, ctx, step, lr_mult):
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches at lr_mult x each group's base LR; returns the
+    mean train loss (float)."""
     local_tokens = hp.train_batch_tokens // (ctx.world_size * hp.grad_accum_steps)
     total = torch.zeros((), device=ctx.device)
     for micro in range(hp.grad_accum_steps):
@@ -915,11 +938,10 @@ def train_step(model, opts, loader, hp, ctx, step, elapsed_s, train_budget_s):
         (loss / hp.grad_accum_steps).backward()
         total += loss.detach() / hp.grad_accum_steps
     average_gradients(list(model.parameters()), ctx)
-    scale = lr_scale(step, elapsed_s, hp, train_budget_s)
     frac = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps else 1.0
     for opt in opts:
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
+            g["lr"] = g["base_lr"] * lr_mult
             if isinstance(opt, Muon):
                 g["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
     if hp.grad_clip_norm > 0:
@@ -979,9 +1001,13 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
     step, last_finite = 0, None
     while step < hp.iterations:
         elapsed = rank0_value(clock.elapsed(), ctx)
-        if budget and elapsed >= budget:
+        if cap > 0 and elapsed >= budget:
             break
-        loss = train_step(model, opts, loader, hp, ctx, step, elapsed, budget)
+        frac = training_fraction(step, elapsed, hp, budget)
+        if hp.recur_layers and not base_model.looping and frac >= hp.recur_start_frac:
+            base_model.looping = True
+            log(f"recurrence on at step {step} ({frac:.0%} of training): {len(base_model.order)} layers as run")
+        loss = train_step(model, opts, loader, hp, ctx, step, lr_scale(step, frac, hp))
         check_finite(loss, step, last_finite)
         last_finite = (step, loss)
         if ema is not None:
@@ -991,7 +1017,7 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
             elapsed = clock.elapsed()
             step_s = elapsed / step
             eta = (hp.iterations - step) * step_s
-            if budget:
+            if cap > 0:
                 eta = min(eta, budget - elapsed)
             log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} step_ms:{1000 * step_s:.1f} "
                 f"tok/s:{hp.train_batch_tokens / step_s:,.0f} train_time:{elapsed:.0f}s eta:{max(eta, 0):.0f}s")
@@ -1170,49 +1196,102 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
 
 
 # lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost;
-# 0.2-0.3% smaller than preset 9's defaults on a trained model (zlib: +4.8%, bz2: +6.0%; tools/quant_study.py),
-# which puts it at about the values' order-0 entropy. The fp16 scales and fp32 tensors get their field widths
-# as position bits, in streams of their own: interleaved with the values in one stream, the CPU study's
-# artifact was 0.8% larger at max-abs steps and 5.5% at QUANT_SIGMAS=12.85 (quant_study section 7)
+# 0.2-0.3% smaller than preset 9's defaults on a trained model (zlib: +4.8%, bz2: +6.0%; tools/quant_study.py).
+# The fp16 scales and fp32 tensors get their field widths as position bits, in streams of their own
+# (interleaved, the CPU study's artifact was 0.8% larger at max-abs steps, 5.5% at QUANT_SIGMAS=12.85)
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
-PART_FILTERS = {"values": LZMA_FILTERS, "scales": [dict(LZMA_FILTERS[0], lp=1)], "floats": [dict(LZMA_FILTERS[0], lp=2)]}
+PART_FILTERS = {"header": LZMA_FILTERS, "values": LZMA_FILTERS, "scales": [dict(LZMA_FILTERS[0], lp=1)],
+                "floats": [dict(LZMA_FILTERS[0], lp=2)]}
+PART_WIDTH = {"header": 1, "values": 1, "scales": 2, "floats": 4}  # bytes per element
+ARTIFACT_MAGIC = b"PGQ2"
+CODECS = ("xz", "brotli", "brotli-shuffled")  # shuffled: byte k of every element together (fields compress apart)
+
+
+def byte_shuffle(data, width, inverse=False):
+    if width == 1:
+        return data
+    a = np.frombuffer(data, np.uint8)
+    return (a.reshape(width, -1).T if inverse else a.reshape(-1, width).T).tobytes()
+
+
+def compress_part(data, part):
+    """(codec index, payload): the smallest of xz and, where the brotli module imports, brotli on the plain
+    and on the byte-shuffled part. The candidates run in threads (both libraries release the GIL)."""
+    jobs = {0: lambda: lzma.compress(data, format=lzma.FORMAT_XZ, filters=PART_FILTERS[part])}
+    try:
+        import brotli
+        jobs[1] = lambda: brotli.compress(data, quality=11, lgwin=24)
+        if PART_WIDTH[part] > 1:
+            jobs[2] = lambda: brotli.compress(byte_shuffle(data, PART_WIDTH[part]), quality=11, lgwin=24)
+    except ImportError:
+        pass
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = {c: pool.submit(job) for c, job in jobs.items()}
+        return min(((c, r.result()) for c, r in results.items()), key=lambda cr: len(cr[1]))
+
+
+def decompress_part(codec, payload, part):
+    if codec == 0:
+        return lzma.decompress(payload)
+    try:
+        import brotli
+    except ImportError:
+        raise ValueError(f"the artifact's {part} are brotli-compressed: pip install brotli") from None
+    return byte_shuffle(brotli.decompress(payload), PART_WIDTH[part], inverse=True) if codec == 2 else brotli.decompress(payload)
 
 
 def serialize(quantized):
-    """The artifact: four XZ streams back to back, ( uint32 header length | JSON header ), the integer values
-    (one byte each), the fp16 row scales, the fp32 tensors, each part in the header's tensor order. One
-    lzma.decompress call returns the four concatenated."""
+    """The artifact: magic, the SHA-256 of the rest, then four parts, each ( codec byte | uint32 length |
+    payload ): the JSON header, the integer values (one byte each), the fp16 row scales, the fp32 tensors,
+    the last three in the header's tensor order. Each part has the codec that made it smallest."""
     entries, parts = [], {"values": [], "scales": [], "floats": []}
     for name, (kind, q, s) in quantized.items():
         entries.append(dict(name=name, kind=kind, shape=list(q.shape)))
         if kind == "float":
             parts["floats"].append(q.numpy().astype("<f4").tobytes())
         else:
-            # one byte per int6 value: LZMA codes the peaked value distribution better than 6-bit packing
-            # (measured 0.505 vs 0.574 bytes per value on Gaussian-like weights)
+            # one byte per int6 value: the compressors code the peaked value distribution better than 6-bit
+            # packing (measured 0.505 vs 0.574 bytes per value on Gaussian-like weights)
             parts["values"].append(q.numpy().astype(np.int8).tobytes())
             parts["scales"].append(s.numpy().astype("<f2").tobytes())
-    header = json.dumps(entries).encode()
-    streams = [(len(header).to_bytes(4, "little") + header, LZMA_FILTERS)]
-    streams += [(b"".join(chunks), PART_FILTERS[part]) for part, chunks in parts.items()]
-    return b"".join(lzma.compress(data, format=lzma.FORMAT_XZ, filters=filters) for data, filters in streams)
+    data = {"header": json.dumps(entries).encode(), **{k: b"".join(v) for k, v in parts.items()}}
+    body = b""
+    for part, raw in data.items():
+        codec, payload = compress_part(raw, part)
+        body += bytes([codec]) + len(payload).to_bytes(4, "little") + payload
+    return ARTIFACT_MAGIC + hashlib.sha256(body).digest() + body
+
+
+def artifact_parts(blob):
+    """{part: (codec index, payload)} of an artifact, after checking its magic, checksum and layout."""
+    if blob[:4] != ARTIFACT_MAGIC:
+        raise ValueError(f"not an artifact of this train_gpt.py: it starts {blob[:4]!r}, not {ARTIFACT_MAGIC!r}")
+    body = blob[36:]
+    if len(blob) < 36 or hashlib.sha256(body).digest() != blob[4:36]:
+        raise ValueError(f"the artifact ({len(blob):,} bytes) fails its SHA-256 check: truncated or corrupted")
+    parts, pos = {}, 0
+    for part in PART_WIDTH:
+        codec, size = body[pos], int.from_bytes(body[pos + 1:pos + 5], "little")
+        parts[part] = (codec, body[pos + 5:pos + 5 + size])
+        pos += 5 + size
+    return parts
 
 
 def deserialize(blob):
     """Artifact bytes -> state dict of float tensors (dequantized)."""
-    raw = lzma.decompress(blob)
-    n = int.from_bytes(raw[:4], "little")
-    entries = json.loads(raw[4:4 + n])
+    raw = {part: decompress_part(codec, payload, part) for part, (codec, payload) in artifact_parts(blob).items()}
+    entries = json.loads(raw["header"])
     ints = [e for e in entries if e["kind"] != "float"]
-    pos = {"values": 4 + n}  # where each part starts, then where its next tensor starts
-    pos["scales"] = pos["values"] + sum(math.prod(e["shape"]) for e in ints)
-    pos["floats"] = pos["scales"] + sum(2 * e["shape"][0] for e in ints)
-    end = pos["floats"] + 4 * sum(math.prod(e["shape"]) for e in entries if e["kind"] == "float")
-    if len(raw) != end:
-        raise ValueError(f"artifact holds {len(raw):,} bytes where its header describes {end:,}")
+    sizes = {"values": sum(math.prod(e["shape"]) for e in ints), "scales": sum(2 * e["shape"][0] for e in ints),
+             "floats": 4 * sum(math.prod(e["shape"]) for e in entries if e["kind"] == "float")}
+    for part, size in sizes.items():
+        if len(raw[part]) != size:
+            raise ValueError(f"artifact {part}: {len(raw[part]):,} bytes where its header describes {size:,}")
+    pos = dict.fromkeys(sizes, 0)
 
     def take(part, size, dtype):
-        data = np.frombuffer(raw[pos[part]:pos[part] + size], dtype).copy()
+        data = np.frombuffer(raw[part][pos[part]:pos[part] + size], dtype).copy()
         pos[part] += size
         return torch.from_numpy(data)
     state = {}
@@ -1454,8 +1533,6 @@ def compile_model(model, mode):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         for block in model.blocks:
             block.compile(dynamic=False)
-            # forward_lanes is a plain method call, which Module.compile does not reach
-            block.forward_lanes = torch.compile(block.forward_lanes, dynamic=False)
     return model
 
 
@@ -1475,15 +1552,18 @@ def check_ranks_in_sync(model, ctx, log):
 
 
 def layer_map(model):
-    skips = model.skip_map()
+    """The layers as the final model runs them (with the recurrence, if any)."""
+    looping, model.looping = model.looping, True
+    skips, order, n = model.skip_map(), model.order, model.num_encoder
+    model.looping = looping
     lines = []
-    for i, block in enumerate(model.order):  # i: position as run; block: which weights (differ under RECUR_LAYERS)
-        role = "encoder" if i < model.num_encoder else "decoder"
-        which = "" if block == i else f" (block {block}{', again' if block in model.order[:i] else ''})"
+    for i, block in enumerate(order):  # i: position as run; block: which weights (differ under RECUR_LAYERS)
+        role = "encoder" if i < n else "decoder"
+        which = "" if block == i else f" (block {block}{', again' if block in order[:i] else ''})"
         skip = f" <- skip from layer {skips[i]}" if i in skips else ""
-        mlp = "+mlp" if model.blocks[block].mlp is not None else ""
-        lanes = " [2 lanes]" if i >= model.parallel_from else ""
-        lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}{lanes}")
+        b = model.blocks[block]
+        mlp = ("||mlp" if b.parallel else "+mlp") if b.mlp is not None else ""
+        lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}")
     return "\n".join(lines)
 
 
@@ -1546,8 +1626,9 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     if ctx.distributed:
         dist.barrier()
     total = len(blob) + code_bytes
+    parts = " ".join(f"{part}:{CODECS[c]}:{len(payload):,}" for part, (c, payload) in artifact_parts(blob).items())
     log(f"artifact: {path} model_bytes:{total - code_bytes} code_bytes:{code_bytes} total:{total} (cap {cap}) "
-        f"in {time.time() - t0:.1f}s")
+        f"in {time.time() - t0:.1f}s; parts {parts}")
     return path, total
 
 
@@ -1636,11 +1717,16 @@ def main():
     batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * hp.train_seq_len))
 
     if hp.warmup_steps:  # prime compile and kernels, then restore the initial state
-        log(f"warmup: {hp.warmup_steps} steps to compile and prime kernels (not timed; undone after)")
+        orders = [False, True] if hp.recur_layers else [False]  # both layer orders compile here, untimed
+        log(f"warmup: {hp.warmup_steps} steps x {len(orders)} layer orders to compile and prime kernels "
+            "(not timed; undone after)")
         init_model = copy.deepcopy(base_model.state_dict())
         init_opts = [copy.deepcopy(o.state_dict()) for o in opts]
-        for s in range(hp.warmup_steps):
-            train_step(model, opts, loader, hp, ctx, s, 0.0, 0.0)
+        for looping in orders:
+            base_model.looping = looping
+            for s in range(hp.warmup_steps):
+                train_step(model, opts, loader, hp, ctx, s, 1.0)
+        base_model.looping = False
         base_model.load_state_dict(init_model)
         for o, st in zip(opts, init_opts):
             o.load_state_dict(st)
@@ -1659,6 +1745,7 @@ def main():
         log(f"step:{step}/{hp.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f}")
 
     step, ema = train_loop(model, base_model, opts, loader, hp, ctx, clock, log, validate)
+    base_model.looping = bool(hp.recur_layers)  # the final model runs with its recurrence, however short the run
     check_ranks_in_sync(base_model, ctx, log)
     train_loop_s = clock.elapsed()
     step_ms = 1000 * train_loop_s / max(step, 1)
