@@ -48,7 +48,7 @@ SMOKE_DEFAULTS = dict(
 class Hyperparameters:
     def __init__(self, environ=None):
         self._env = dict(os.environ if environ is None else environ)
-        self._errors, self.resolved, self.smoke = [], {}, False
+        self._errors, self.resolved, self.smoke, self.notes = [], {}, False, []
         self.smoke = self._flag("SMOKE", 0)
         self.dry_run = self._flag("DRY_RUN", 0)
         # data and run
@@ -196,8 +196,27 @@ class Hyperparameters:
         self.resolved[name] = ",".join(map(str, layers))
         return layers
 
+    def _user_set(self, name):
+        return self._env.get(name) is not None
+
+    def _fit_layer_defaults(self):
+        """Defaults that name layers are for the default depth: with another NUM_LAYERS, a default (never a
+        user's value) keeps the layers that exist, and says so."""
+        for name in ("MAMBA_LAYERS", "RECUR_LAYERS"):
+            layers = getattr(self, name.lower())
+            kept = [i for i in layers if i < self.num_layers]
+            if not self._user_set(name) and kept != layers:
+                setattr(self, name.lower(), kept)
+                self.resolved[name] = ",".join(map(str, kept))
+                self.notes.append(f"{name}: default {','.join(map(str, layers))} cut to '{self.resolved[name]}' "
+                                  f"for NUM_LAYERS={self.num_layers}")
+        if not self._user_set("PARALLEL_FROM") and self.parallel_from >= self.num_layers:
+            self.notes.append(f"PARALLEL_FROM: default {self.parallel_from} is past NUM_LAYERS={self.num_layers}: off")
+            self.parallel_from = self.resolved["PARALLEL_FROM"] = 0
+
     def _cross_checks(self):
         e = self._errors.append
+        self._fit_layer_defaults()
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
             e(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
         if self.num_heads % self.num_kv_heads:
@@ -1047,9 +1066,9 @@ def row_scales(w, qmax, sigmas=0.0):
     """Per-row grid step: max |w| / qmax, so nothing clips; or with sigmas > 0, sigmas x the row's std / qmax,
     a bin width chosen relative to the row's spread (values past qmax steps clip). Wider bins leave fewer
     distinct values, which LZMA codes in fewer bits (about 2.05 - log2(bin / std) for Gaussian rows)."""
-    spread = w.abs().amax(dim=1)
+    spread = w.abs().amax(dim=-1)
     if sigmas:
-        std = w.std(dim=1)
+        std = w.std(dim=-1)
         spread = torch.where(std > 0, sigmas * std, spread)  # a constant row (std 0) keeps its exact max step
     # fp16 is how scales are stored, so round first: the quantizer then sees the exact stored scale
     return (spread / qmax).half().float().clamp_min(2**-24)  # 2**-24: fp16's smallest step
@@ -1057,14 +1076,14 @@ def row_scales(w, qmax, sigmas=0.0):
 
 def round_to_grid(w, scale, qmax):
     """Round to nearest on per-row grids: integer levels (as floats) in [-qmax, qmax]."""
-    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+    return torch.clamp(torch.round(w / scale[..., None]), -qmax, qmax)
 
 
 def hessian_row_errors(E, H):
     """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error over the
-    calibration inputs whose x x^T sum to H."""
+    calibration inputs whose x x^T sum to H. Batched over leading dimensions."""
     E = E.to(H.device)
-    return ((E @ H) * E).sum(dim=1)
+    return ((E @ H) * E).sum(dim=-1)
 
 
 def quantize_rtn(w, qmax, sigmas=0.0):
@@ -1076,11 +1095,11 @@ def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
     """Per row, the scale of a clipped range (ratio x max |w|) whose round-to-nearest error, weighted by the
     Hessian (the layer's summed squared output error), is least. Ratio 1 is a candidate, so no row gets
     worse than the unclipped scale; clipping trades rare large weights for a finer grid for the rest."""
-    amax = W.abs().amax(dim=1)
+    amax = W.abs().amax(dim=-1)
     best_err = best_scale = None
     for ratio in ratios:
         scale = (amax * ratio / qmax).half().float().clamp_min(2**-24)
-        err = hessian_row_errors(W - round_to_grid(W, scale, qmax) * scale[:, None], H)
+        err = hessian_row_errors(W - round_to_grid(W, scale, qmax) * scale[..., None], H)
         if best_err is None:
             best_err, best_scale = err, scale
         else:
@@ -1090,47 +1109,63 @@ def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
 
 
 def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
-    """GPTQ: quantize columns one at a time (largest Hessian diagonal first), pushing each column's
-    rounding error onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
-    With clip, GPTQ runs on both the full-range scales and clip_scales' and keeps whichever leaves the
-    smaller Hessian-weighted error: on a trained model (tools/quant_study.py), clipped scales alone cost
-    +3.9% at int6, while keeping the better of the two saved 0.4-0.5% at int6, 3.4-3.7% at int5, 14-15% at int4.
-    With sigmas > 0 the step is fixed by the row's std (row_scales) and there is no search: the step is
-    what sets the bytes."""
-    W = w.float().clone()
+    """GPTQ of one matrix: quantize_gptq_batch for a batch of one."""
+    q, s = quantize_gptq_batch(w[None], H[None], qmax, block, damp, clip, sigmas)
+    return q[0], s[0]
+
+
+def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
+    """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols):
+    quantize columns one at a time (largest Hessian diagonal first), pushing each column's rounding error
+    onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor. One column loop for
+    the whole stack: the loop is launch-bound, so n matrices cost about what one does.
+    With clip, GPTQ runs on both the full-range scales and clip_scales' and keeps, per matrix, whichever
+    leaves the smaller Hessian-weighted error: on a trained model (tools/quant_study.py), clipped scales alone
+    cost +3.9% at int6, while keeping the better of the two saved 0.4-0.5% at int6, 3.4-3.7% at int5, 14-15%
+    at int4. With sigmas > 0 the step is fixed by the row's std (row_scales) and there is no search: the
+    step is what sets the bytes."""
     H = H.float().clone()
-    rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    order = torch.argsort(torch.diag(H), descending=True)
-    Hd = H[order][:, order]
-    Hd += damp * torch.diag(Hd).mean() * torch.eye(cols, device=H.device)
+    W = W.float().to(H.device).clone()
+    n, rows, cols = W.shape
+    diag = H.diagonal(dim1=-2, dim2=-1)  # a view: writes go to H
+    dead = diag == 0
+    diag[dead] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
+    order = torch.argsort(diag, dim=-1, descending=True)
+    unorder = torch.argsort(order, dim=-1)
+    Hd = H.gather(1, order[:, :, None].expand(n, cols, cols)).gather(2, order[:, None, :].expand(n, cols, cols))
+    Hd += damp * Hd.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(cols, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    Wo = W.gather(2, order[:, None, :].expand(n, rows, cols))
     best = None
     for scale in [row_scales(W, qmax, sigmas)] + ([clip_scales(W, H, qmax)] if clip and not sigmas else []):
-        Q = gptq_columns(W[:, order], Hinv, scale, qmax, block)[:, torch.argsort(order)]
-        err = float(hessian_row_errors(W - Q.float() * scale[:, None], H).sum())
-        if best is None or err < best[0]:
+        Q = gptq_columns(Wo.clone(), Hinv, scale, qmax, block).gather(2, unorder[:, None, :].expand(n, rows, cols))
+        err = hessian_row_errors(W - Q.float() * scale[..., None], H).sum(-1)
+        if best is None:
             best = (err, Q, scale)
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better[:, None, None], Q, best[1]),
+                    torch.where(better[:, None], scale, best[2]))
     return best[1], best[2]
 
 
 def gptq_columns(W, Hinv, scale, qmax, block):
-    """GPTQ's column loop on W (columns already in quantization order; W is overwritten)."""
-    rows, cols = W.shape
-    Q = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+    """GPTQ's column loop on a stack W (n, rows, cols), columns already in quantization order (W is
+    overwritten); Hinv (n, cols, cols) upper Cholesky factors, scale (n, rows)."""
+    n, rows, cols = W.shape
+    Q = torch.zeros(n, rows, cols, dtype=torch.int8, device=W.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        W1, Hinv1 = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
         errors = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            q = torch.clamp(torch.round(W1[:, i] / scale), -qmax, qmax)
-            Q[:, i1 + i] = q.to(torch.int8)
-            err = (W1[:, i] - q * scale) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            errors[:, i] = err
-        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+            q = torch.clamp(torch.round(W1[:, :, i] / scale), -qmax, qmax)
+            Q[:, :, i1 + i] = q.to(torch.int8)
+            err = (W1[:, :, i] - q * scale) / Hinv1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
+            errors[:, :, i] = err
+        W[:, :, i2:] -= errors @ Hinv[:, i1:i2, i2:]
     return Q
 
 
@@ -1165,34 +1200,42 @@ def collect_hessians(model, batches, ctx, names):
     return hessians
 
 
-def quantize_matrix(w, H, kind, clip=True, deadline=None, agree=bool, sigmas=0.0):
-    """-> (q, scale, on_time): GPTQ where a Hessian exists and the deadline allows, else round-to-nearest.
-    `agree` turns this rank's "still in time" into the decision all ranks share."""
-    if H is not None and agree(deadline is None or time.time() < deadline):
-        q, s = quantize_gptq(w.to(H.device), H, QMAX[kind], clip=clip, sigmas=sigmas)
-        return q.cpu(), s.cpu(), True
-    return (*quantize_rtn(w, QMAX[kind], sigmas), H is None)
+def quantize_matrix(w, H, kind, clip=True, sigmas=0.0):
+    """-> (q, scale) on the CPU: GPTQ where there is a Hessian, else round-to-nearest."""
+    if H is None:
+        return quantize_rtn(w, QMAX[kind], sigmas)
+    q, s = quantize_gptq(w, H, QMAX[kind], clip=clip, sigmas=sigmas)
+    return q.cpu(), s.cpu()
 
 
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
     """-> {name: (kind, q, scale)}: int6 via GPTQ where a Hessian exists (RTN past the deadline), int8 for
     the tables (GPTQ for the tied embedding when its Hessian was collected, else round-to-nearest), float
     (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids' steps (row_scales) for
-    the matrices and for the tables."""
-    out, late = {}, 0
+    the matrices and for the tables. Same-shape matrices with Hessians go through GPTQ as one batch."""
+    state = {n: p.detach().float().cpu() for n, p in model.state_dict().items()}
+    out, batches, late = {}, {}, 0
     for name, p in model.state_dict().items():
-        w = p.detach().float().cpu()
         kind = quant_kind(name, p)
-        if kind in ("int6", "int8"):  # int8 tables have no Hessian but the tied embedding's (the head's)
-            step = sigmas if kind == "int6" else embed_sigmas
-            q, s, on_time = quantize_matrix(w, hessians.get(name), kind, clip, deadline, agree, step)
-            late += not on_time
-            out[name] = (kind, q, s)
+        if kind == "float":
+            out[name] = (kind, state[name], None)
+        elif name in hessians:
+            batches.setdefault((kind, tuple(p.shape)), []).append(name)
+        else:  # the int8 tables without a Hessian: all but the tied embedding
+            out[name] = (kind, *quantize_rtn(state[name], QMAX[kind], sigmas if kind == "int6" else embed_sigmas))
+    for (kind, _), names in batches.items():
+        step = sigmas if kind == "int6" else embed_sigmas
+        if agree(deadline is None or time.time() < deadline):
+            H = torch.stack([hessians[n] for n in names])
+            Q, S = quantize_gptq_batch(torch.stack([state[n] for n in names]).to(H.device), H, QMAX[kind], clip=clip,
+                                       sigmas=step)
+            out.update({n: (kind, q.cpu(), s.cpu()) for n, q, s in zip(names, Q, S)})
         else:
-            out[name] = (kind, w, None)
+            late += len(names)
+            out.update({n: (kind, *quantize_rtn(state[n], QMAX[kind], step)) for n in names})
     if late:
         log(f"WARNING: wall clock reached during GPTQ: {late} matrices fell back to round-to-nearest")
-    return out
+    return {name: out[name] for name in state}
 
 
 # lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost;
@@ -1346,7 +1389,7 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
         lower = LOWER_KIND.get(kind)
         if lower is None or int(lower[3:]) < min_bits:
             return None
-        q2, s2, _ = quantize_matrix(weights[name], hessians.get(name), lower, clip, sigmas=sigmas)
+        q2, s2 = quantize_matrix(weights[name], hessians.get(name), lower, clip, sigmas=sigmas)
         err2 = weighted_error(name, q2, s2)
         price = max(err2 - errors[name], 0.0) / max(entropy_bytes(q) - entropy_bytes(q2), 1.0)
         return price, name, lower, q2, s2, err2
@@ -1569,6 +1612,8 @@ def layer_map(model):
 
 def describe(hp, model, log, code_bytes):
     log("config " + json.dumps(hp.resolved, sort_keys=True))
+    for note in hp.notes:
+        log(f"note: {note}")
     log("layer map:\n" + layer_map(model))
     report = parameter_report(model)
     log("params " + " ".join(f"{k}:{v:,}" for k, v in report.items()))
