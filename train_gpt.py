@@ -43,6 +43,8 @@ SMOKE_DEFAULTS = dict(
     SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=100, GPTQ_CALIB_TOKENS=16384,
     GPTQ_RESERVE_SECONDS=5,
     EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
+# knobs that no longer exist, with what replaced them: setting one is an error, not silently ignored
+RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC, the warmdown's fraction of training (default 0.72)"}
 
 
 class Hyperparameters:
@@ -148,6 +150,7 @@ class Hyperparameters:
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, 1, 100)
         self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32768, 16, 2**30)
         self.ttt_momentum = self._float("TTT_MOMENTUM", 0.9, 0.0, 0.9999)
+        self._errors += [f"{name} is retired: use {instead}" for name, instead in RETIRED.items() if name in self._env]
         self._cross_checks()
         if self._errors:
             raise ConfigError("bad settings:\n  " + "\n  ".join(self._errors))
@@ -1621,12 +1624,13 @@ def describe(hp, model, log, code_bytes):
     int8 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int8")
     flt = report["total"] - int6 - int8
     cap = int(hp.target_mb * 1e6)
-    # bits a value after LZMA: a Gaussian row's entropy on its grid, 2.05 - log2(step / std), plus 0.2 for
-    # heavier tails; a max-abs step is about 3.3 stds / qmax. With the default grids that is 5.5 (int6) and
-    # 7.5 (int8) bits, 0.738 bytes a parameter for the default model, where 0.735 and 0.736 were measured on
-    # 150-s proxy runs of the default hybrid and of pure attention; trained weights vary, so a guide
+    # bits a value after compression. Max-abs grids (a step of about 3.3 stds / qmax): a Gaussian row's entropy
+    # on its grid, 2.05 - log2(step / std), plus 0.2 for heavier tails (0.738 bytes a parameter for the 7-layer
+    # hybrid, where 0.735 and 0.736 were measured on the proxy). Std-based grids (QUANT_SIGMAS): the entropy
+    # alone: the public record's 35.9M parameters at 12.85 / 20 stds took about 15.99 MB with brotli, this rule's
+    # 15.9 MB. Trained weights vary, so a guide
     def value_bytes(qmax, sigmas):
-        return (2.25 + math.log2(qmax / (sigmas or 3.3))) / 8
+        return (2.05 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
     expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
                    + 4 * flt + code_bytes)
     log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "

@@ -622,3 +622,20 @@ def test_fit_to_cap_stops_loudly_when_min_bits_is_not_enough(calibrated, quantiz
     with pytest.raises(SystemExit, match="QUANT_MIN_BITS=4") as e:
         tg.fit_to_cap(quantized, model, hessians, 1000, log=lambda m: None)
     assert "allow fewer bits" not in str(e.value) and "shrink the model" in str(e.value)  # 4 is the floor
+
+
+def test_batched_gptq_equals_one_matrix_at_a_time():
+    """quantize_gptq_batch runs one column loop for a stack of matrices, each with its own Hessian: the same
+    levels and scales as quantizing each alone (up to float rounding of the batched products)."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(3, 24, 40, generator=g)
+    X = torch.randn(3, 200, 40, generator=g) * torch.rand(3, 1, 40, generator=g)  # uneven input scales
+    H = X.mT @ X
+    H[1, :, 7] = H[1, 7, :] = 0  # a dead input column in one matrix only
+    for sigmas, clip in ((0.0, True), (12.85, False)):
+        Q, S = tg.quantize_gptq_batch(W, H, tg.INT6_MAX, clip=clip, sigmas=sigmas)
+        for i in range(3):
+            q, s = tg.quantize_gptq(W[i], H[i], tg.INT6_MAX, clip=clip, sigmas=sigmas)
+            assert torch.equal(s, S[i])
+            assert (q != Q[i]).float().mean() < 0.002, (sigmas, i)
+        assert torch.all(Q[1][:, 7] == 0)

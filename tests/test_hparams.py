@@ -11,7 +11,7 @@ import train_gpt as tg
 ROOT = Path(__file__).resolve().parents[1]
 SEED_ENV = dict(MAMBA_LAYERS="0,1,2,3,4,5,6,7,8,9,10,11,15,16,17", NUM_LAYERS="18", MAMBA_D_STATE="32",
                 MAMBA_D_CONV="4", MAMBA_EXPAND="1.5", MAMBA_MATRIX_LR="0.015", BIGRAM_VOCAB_SIZE="2048",
-                BIGRAM_DIM="128", WARMDOWN_ITERS="3500", TARGET_MB="15.9", SEED="42")
+                BIGRAM_DIM="128", TARGET_MB="15.9", SEED="42")
 
 
 def run_script(env, timeout=120):
@@ -22,16 +22,16 @@ def run_script(env, timeout=120):
 
 
 def test_seed_command_accepted_by_dry_run(tmp_path):
-    # the seed's Mamba layers had no MLP; since MAMBA_MLP=1 became the default, its literal command gives them one
+    """The first draft's literal command still runs: on today's defaults, so with the recurrence, parallel
+    residuals and MLPs after its Mamba layers; MAMBA_MLP=0 gives them none, as in the draft."""
     r = run_script(dict(SEED_ENV, DRY_RUN="1", DATA_PATH=str(tmp_path / "none")))
     assert r.returncode == 0, r.stderr
-    assert "layer 17 decoder: mamba2+mlp <- skip from layer 0" in r.stdout
+    assert "layer 23 (block 17) decoder: mamba2||mlp <- skip from layer 0" in r.stdout
     r = run_script(dict(SEED_ENV, MAMBA_MLP="0", DRY_RUN="1", DATA_PATH=str(tmp_path / "none")))
     assert r.returncode == 0, r.stderr
-    assert "layer 12 decoder: attention+mlp" in r.stdout and "layer 11 decoder: mamba2 <-" in r.stdout
-    assert "layer  8 encoder: mamba2\n" in r.stdout and "layer 17 decoder: mamba2 <- skip from layer 0" in r.stdout
+    assert "layer 18 (block 12) decoder: attention||mlp" in r.stdout and "layer 17 (block 11) decoder: mamba2 <-" in r.stdout
     assert '"MAMBA_EXPAND": 1.5' in r.stdout and '"TARGET_MB": 15.9' in r.stdout
-    assert "WARNING: this configuration will likely not fit TARGET_MB=15.9" in r.stdout  # 30M parameters
+    assert "WARNING" not in r.stdout  # 31.6M parameters: at the std-based grids, about 14.4 MB by the estimate
     params = dict(kv.split(":") for kv in r.stdout.split("params ")[1].split("\n")[0].split())
     assert int(params["total"].replace(",", "")) == sum(int(v.replace(",", "")) for k, v in params.items() if k != "total")
 
@@ -43,8 +43,10 @@ def test_default_dry_run_prints_layer_map_and_counts():
     with __import__("torch").device("meta"):
         model = tg.HybridGPT(hp)
     assert f"total:{sum(p.numel() for p in model.parameters()):,}" in r.stdout
-    assert "layer  6 decoder: attention+mlp" in r.stdout and "layer  5 decoder: mamba2+mlp <- skip from layer 0" in r.stdout
-    assert "WARNING" not in r.stdout  # the default fits the cap
+    assert "layer 16 (block 10) decoder: attention||mlp" in r.stdout
+    assert "layer  6 (block 3, again) encoder: mamba2+mlp" in r.stdout
+    r = run_script(dict(DRY_RUN="1", MAMBA_LAYERS=""))  # the record stack's pure-attention model fits the cap
+    assert r.returncode == 0 and "total:35,944,536" in r.stdout and "WARNING" not in r.stdout, r.stdout[-2000:]
 
 
 @pytest.mark.parametrize("env, needle", [
@@ -68,6 +70,10 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"GPTQ_CLIP_SEARCH": "yes"}, "GPTQ_CLIP_SEARCH='yes': expected 0 or 1"),
     ({"QUANT_SIGMAS": "-1"}, "QUANT_SIGMAS=-1.0: expected a number in [0.0, 100.0]"),
     ({"QUANT_EMBED_SIGMAS": "abc"}, "QUANT_EMBED_SIGMAS='abc': expected a number in [0.0, 1000.0]"),
+    ({"WARMDOWN_ITERS": "3500"}, "WARMDOWN_ITERS is retired: use WARMDOWN_FRAC"),
+    ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC=1.5: expected a number in [0.0, 1.0]"),
+    ({"RECUR_LOOPS": "0"}, "RECUR_LOOPS=0: expected an integer in [1, 16]"),
+    ({"MAX_WALLCLOCK_SECONDS": "5"}, "MAX_WALLCLOCK_SECONDS=5 leaves no training time after GPTQ_RESERVE_SECONDS=12"),
 ])
 def test_bad_values_rejected_naming_the_variable(env, needle):
     with pytest.raises(tg.ConfigError) as e:
@@ -88,7 +94,7 @@ def test_all_errors_reported_together():
 
 
 def test_mamba_layers_unset_empty_and_explicit():
-    assert tg.Hyperparameters({}).mamba_layers == [0, 1, 2, 3, 4, 5]
+    assert tg.Hyperparameters({}).mamba_layers == list(range(10))
     assert tg.Hyperparameters({"MAMBA_LAYERS": ""}).mamba_layers == []
     assert tg.Hyperparameters({"MAMBA_LAYERS": "3, 1,1"}).mamba_layers == [1, 3]
 
@@ -98,7 +104,7 @@ def test_every_knob_is_logged_and_smoke_defaults_yield_to_user():
     assert hp.model_dim == 32 and hp.resolved["MODEL_DIM"] == 32
     assert hp.num_layers == tg.SMOKE_DEFAULTS["NUM_LAYERS"]
     # every attribute that comes from a knob appears in the logged config
-    knob_attrs = {k for k in vars(hp) if not k.startswith("_") and k != "resolved"}
+    knob_attrs = {k for k in vars(hp) if not k.startswith("_") and k not in ("resolved", "notes")}
     assert len(hp.resolved) == len(knob_attrs)
 
 

@@ -1,4 +1,6 @@
 """MODEL: the SSD scan against a plain recurrence, the causal conv, causality, gradients."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,25 +120,25 @@ def test_layer_map_and_skips():
 
 
 def test_recurrent_layers_equal_a_stack_with_those_blocks_repeated():
-    """RECUR_LAYERS=1,2 on 4 layers runs blocks 0,1,2,1,2,3: the same function as 6 layers holding copies of
-    those blocks' weights (the second passes with their own scalars), with the U-Net over the 6; a shared
-    matrix's gradient is the sum of its copies' gradients."""
+    """RECUR_LAYERS=1,2 with one extra loop on 4 layers runs blocks 0,1,2,1,2,3 once looping is on: the same
+    function as 6 layers holding copies of those blocks' weights and scalars (each copy keeping its block's
+    norm scale), with the U-Net over the 6; a shared parameter's gradient is the sum of its copies'."""
     from util import randomize_weights
     torch.manual_seed(0)
-    rec = tg.HybridGPT(make_hp(NUM_LAYERS=4, MAMBA_LAYERS="0,2", RECUR_LAYERS="1,2"))
+    rec = tg.HybridGPT(make_hp(NUM_LAYERS=4, MAMBA_LAYERS="0,2", RECUR_LAYERS="1,2", RECUR_LOOPS=1, PARALLEL_FROM=0))
     randomize_weights(rec, seed=3)
-    with torch.no_grad():  # scalars away from their ones/zeros init, each set different
+    with torch.no_grad():  # scalars away from their ones/zeros init
         for name, p in rec.named_parameters():
-            if "scale" in name or "resid_mix" in name or "skip_weights" in name:
+            if "scale" in name or "resid_mix" in name or name.startswith("skip_"):
                 p.add_(0.3 * torch.randn_like(p))
+    assert rec.order == [0, 1, 2, 3] and rec.num_encoder == 2 and rec.skip_map() == {2: 1, 3: 0}
+    rec.looping = True
     assert rec.order == [0, 1, 2, 1, 2, 3] and rec.num_encoder == 3 and rec.skip_map() == {3: 2, 4: 1, 5: 0}
-    assert len(rec.recur_scalars) == 2 and set(rec.scalars_at) == {3, 4}
-    flat = tg.HybridGPT(make_hp(NUM_LAYERS=6, MAMBA_LAYERS="0,2,4"))
-    state = {k: v for k, v in rec.state_dict().items() if not k.startswith(("blocks.", "recur_scalars."))}
+    flat = tg.HybridGPT(make_hp(NUM_LAYERS=6, MAMBA_LAYERS="0,2,4", RECUR_LAYERS="", PARALLEL_FROM=0))
+    state = {k: v for k, v in rec.state_dict().items() if not k.startswith("blocks.")}
     for j, b in enumerate(rec.order):
         state.update({f"blocks.{j}.{k}": v for k, v in rec.blocks[b].state_dict().items()})
-        if j in rec.scalars_at:
-            state.update({f"blocks.{j}.{k}": v for k, v in rec.scalars_at[j].state_dict().items()})
+        flat.blocks[j].norm_scale = rec.blocks[b].norm_scale
     flat.load_state_dict(state)
     ids = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(1))
     loss_rec, loss_flat = rec(ids[:, :-1], ids[:, 1:]).mean(), flat(ids[:, :-1], ids[:, 1:]).mean()
@@ -145,13 +147,41 @@ def test_recurrent_layers_equal_a_stack_with_those_blocks_repeated():
     loss_flat.backward()
     flat1, flat3 = dict(flat.blocks[1].named_parameters()), dict(flat.blocks[3].named_parameters())
     for name, p in rec.blocks[1].named_parameters():
-        expected = flat1[name].grad + (flat3[name].grad if name.startswith(("mixer.", "mlp.")) else 0)
-        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
-    for name, p in rec.recur_scalars[0].named_parameters():
-        torch.testing.assert_close(p.grad, flat3[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.grad, flat1[name].grad + flat3[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     layer_map = tg.layer_map(rec)
     assert "layer  3 (block 1, again) decoder: attention+mlp <- skip from layer 2" in layer_map
     assert "layer  5 (block 3) decoder: attention+mlp <- skip from layer 0" in layer_map
+
+
+def test_default_recurrence_is_the_record_layout():
+    """Layers 3-5 looped twice more: encoder 0,1,2,3,4,5,3,4 and decoder 5,3,4,5,6,...,10 once looping is on."""
+    hp = tg.Hyperparameters({"MAMBA_LAYERS": ""})
+    with torch.device("meta"):
+        model = tg.HybridGPT(hp)
+    assert model.order == list(range(11))
+    model.looping = True
+    n = model.num_encoder
+    assert model.order[:n] == [0, 1, 2, 3, 4, 5, 3, 4] and model.order[n:] == [5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert model.skip_weights.shape == (8, 512) and len(model.skip_map()) == 8
+
+
+def test_recurrence_switches_on_at_its_fraction_of_training(monkeypatch):
+    """Without a wall clock the fraction is steps / ITERATIONS: 20 steps at RECUR_START_FRAC=0.35 run plain
+    for steps 0-6 and looped from step 7, and the switch is logged once."""
+    from util import CPUContext
+    hp = make_hp(ITERATIONS=20, RECUR_START_FRAC=0.35, MAX_WALLCLOCK_SECONDS=0, EMA_DECAY=0)
+    model = tg.HybridGPT(hp)
+    orders = []
+
+    def fake_step(model_, opts, loader, hp_, ctx, step, lr_mult):
+        orders.append(list(model.order))
+        return 1.0
+    monkeypatch.setattr(tg, "train_step", fake_step)
+    logs = []
+    steps, _ = tg.train_loop(model, model, [], None, hp, CPUContext(), tg.TrainClock(), logs.append)
+    assert steps == 20 and orders[:7] == [model.plain_order] * 7 and orders[7:] == [model.looped_order] * 13
+    assert model.looped_order != model.plain_order
+    assert sum("recurrence on at step 7 (35% of training)" in m for m in logs) == 1
 
 
 @pytest.mark.parametrize("layers, message", [("1,3", "expected consecutive layers"), ("3,4", "RECUR_LAYERS has [4]")])
@@ -160,40 +190,88 @@ def test_recur_layers_must_be_consecutive_existing_layers(layers, message):
         make_hp(NUM_LAYERS=4, RECUR_LAYERS=layers)
 
 
-def test_parallel_lanes_start_as_the_sequential_model_and_route_by_their_writes():
-    """PARALLEL_FROM=2 on 4 layers: at its all-ones init the two-lane model is the one-lane model; the lane
-    weights then matter and train. In a block, the mixer reads lane a and the MLP lane b."""
+def test_block_sequential_and_parallel_residuals_and_norm_scale():
+    """Sequential: the MLP reads x + mixer(x); parallel (blocks from PARALLEL_FROM on): both read x. Each
+    normalized input is scaled by 1/sqrt(block index + 1) under LN_SCALE."""
     from util import randomize_weights
-    torch.manual_seed(0)
-    lanes = tg.HybridGPT(make_hp(NUM_LAYERS=4, PARALLEL_FROM=2))
-    randomize_weights(lanes, seed=2)
-    plain = tg.HybridGPT(make_hp(NUM_LAYERS=4))
-    plain.load_state_dict({k: v for k, v in lanes.state_dict().items() if k != "lane_writes"})
-    assert lanes.lane_writes.shape == (2, 4, 64) and "layer  2 decoder: mamba2+mlp <- skip from layer 1 [2 lanes]" in tg.layer_map(lanes)
-    ids = torch.randint(0, 320, (2, 65), generator=torch.Generator().manual_seed(1))
-    loss = lanes(ids[:, :-1], ids[:, 1:]).mean()
-    torch.testing.assert_close(loss, plain(ids[:, :-1], ids[:, 1:]).mean(), rtol=1e-5, atol=1e-6)
-    loss.backward()
-    assert lanes.lane_writes.grad.abs().sum() > 0
-    with torch.no_grad():
-        lanes.lane_writes.mul_(torch.rand_like(lanes.lane_writes) + 0.5)
-    assert (lanes(ids[:, :-1], ids[:, 1:]).mean() - loss).abs() > 1e-4
-    block = lanes.blocks[3]  # attention + MLP
+    hp = make_hp(NUM_LAYERS=4, MAMBA_LAYERS="0", PARALLEL_FROM=2, RECUR_LAYERS="")
+    model = tg.HybridGPT(hp)
+    randomize_weights(model, seed=4)
+    assert [b.parallel for b in model.blocks] == [False, False, True, True]
+    assert [b.norm_scale for b in model.blocks] == [1.0, 1 / math.sqrt(2), 1 / math.sqrt(3), 0.5]
+    assert [b.norm_scale for b in tg.HybridGPT(make_hp(NUM_LAYERS=4, LN_SCALE=0)).blocks] == [1.0] * 4
     x, x0 = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
-    writes = torch.tensor([1.0, 0.0, 0.0, 1.0])[:, None].expand(4, 64)  # mixer -> a only, MLP -> b only
+    norm = lambda t, k: F.rms_norm(t, (64,)) * model.blocks[k].norm_scale
     with torch.no_grad():
-        block.resid_mix.copy_(torch.stack([torch.full((64,), 0.7), torch.full((64,), 0.3)]))
-        a, b = block.forward_lanes(x, x, x0, writes)
-        start = 0.7 * x + 0.3 * x0
-        norm = lambda t: F.rms_norm(t, (64,))
-        torch.testing.assert_close(a, start + block.mixer_scale * block.mixer(norm(start)))
-        torch.testing.assert_close(b, start + block.mlp_scale * block.mlp(norm(start)))
+        for k in (1, 2):
+            b = model.blocks[k]
+            b.resid_mix.copy_(torch.stack([torch.full((64,), 0.7), torch.full((64,), 0.3)]))
+            start = 0.7 * x + 0.3 * x0
+            mid = start + b.mixer_scale * b.mixer(norm(start, k))
+            mlp_in = start if k == 2 else mid
+            torch.testing.assert_close(b(x, x0), mid + b.mlp_scale * b.mlp(norm(mlp_in, k)))
+    assert "layer  2 decoder: attention||mlp <- skip from layer 1" in tg.layer_map(model)
 
 
-def test_parallel_from_must_be_a_decoder_position():
-    with pytest.raises(tg.ConfigError, match="PARALLEL_FROM=1 must be a decoder position, in \\[2, 3\\]"):
-        make_hp(NUM_LAYERS=4, PARALLEL_FROM=1)
-    assert make_hp(NUM_LAYERS=4, RECUR_LAYERS="1", PARALLEL_FROM=4).parallel_from == 4  # 5 layers as run
+def reference_hidden(model, ids):
+    """The U-Net by hand: encoder outputs pushed, decoder layers take them back in reverse, each gated skip
+    being sigmoid(g) * x + (1 - sigmoid(g)) * w * skip, or x + w * skip without gates."""
+    x = x0 = F.rms_norm(model.tok_emb(ids) + (model.bigram(ids) if model.bigram is not None else 0), (64,))
+    order, n, outs = model.order, model.num_encoder, []
+    for i, b in enumerate(order):
+        if i >= n and i - n < n:
+            skip = model.skip_weights[i - n] * outs[n - 1 - (i - n)]
+            if model.skip_gates is None:
+                x = x + skip
+            else:
+                g = torch.sigmoid(model.skip_gates[i - n])
+                x = g * x + (1 - g) * skip
+        x = model.blocks[b](x, x0)
+        outs.append(x)
+    return F.rms_norm(x, (64,))
+
+
+@pytest.mark.parametrize("gates", [0, 1])
+def test_gated_skips_against_the_hand_formula(gates):
+    """At init the gates are 0, so each skip is an even mix of stream and skip (the record's form); with
+    SKIP_GATES=0 it is added. Random gates and weights follow the same formula."""
+    from util import randomize_weights
+    model = tg.HybridGPT(make_hp(NUM_LAYERS=5, SKIP_GATES=gates, RECUR_LAYERS="", PARALLEL_FROM=0))
+    randomize_weights(model, seed=6)
+    ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(ids), reference_hidden(model, ids))
+        if gates:
+            assert torch.equal(model.skip_gates, torch.zeros_like(model.skip_gates))
+            model.skip_gates.normal_()
+            model.skip_weights.normal_()
+            torch.testing.assert_close(model.hidden(ids), reference_hidden(model, ids))
+        else:
+            assert model.skip_gates is None
+
+
+def test_matrices_start_orthogonal_and_projections_at_zero():
+    model = tg.HybridGPT(make_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2))
+    checked = 0
+    for name, m in model.named_modules():
+        if isinstance(m, tg.CastedLinear):
+            W = m.weight.detach().double()
+            if m.zero_init:
+                assert not W.any(), name
+            elif min(W.shape) >= 64:
+                G = W @ W.T if W.size(0) <= W.size(1) else W.T @ W
+                torch.testing.assert_close(G, torch.eye(G.size(0), dtype=G.dtype), atol=1e-5, rtol=0, msg=name)
+                checked += 1
+    assert checked >= 4
+
+
+def test_parallel_from_must_name_a_block():
+    with pytest.raises(tg.ConfigError, match=r"PARALLEL_FROM=4 must be a block index in \[1, 3\]"):
+        make_hp(NUM_LAYERS=4, PARALLEL_FROM=4)
+    assert make_hp(NUM_LAYERS=4, PARALLEL_FROM=0).parallel_from == 0
+    hp = tg.Hyperparameters({"NUM_LAYERS": "5"})  # defaults for 11 layers, cut to fit, and said
+    assert hp.recur_layers == [3, 4] and hp.parallel_from == 0 and hp.mamba_layers == [0, 1, 2, 3, 4]
+    assert any("RECUR_LAYERS: default 3,4,5 cut to '3,4' for NUM_LAYERS=5" in n for n in hp.notes)
 
 
 def test_mamba2_block_shapes_and_parameters():

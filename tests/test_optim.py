@@ -31,7 +31,8 @@ def test_muon_takes_matrices_with_their_learning_rates():
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
 
 
-@pytest.mark.parametrize("wd", [{}, {"MUON_WD": "0.1", "ADAM_WD": "0.2"}, {"MUON_ROW_NORM": "1"}])
+@pytest.mark.parametrize("wd", [{}, {"MUON_WD": "0.1", "ADAM_WD": "0.2", "EMBED_WD": "0.3", "TIE_EMBEDDINGS": "0"},
+                                {"MUON_ROW_NORM": "0"}])
 def test_each_parameter_updated_exactly_once_per_step(wd):
     hp = make_hp(GRAD_CLIP_NORM=0, **wd)
     torch.manual_seed(0)
@@ -48,8 +49,17 @@ def test_each_parameter_updated_exactly_once_per_step(wd):
            for o in opts for g in o.param_groups for p in g["params"]}
     for n, p in model.named_parameters():
         lr, is_muon, momentum, decay = lrs[id(p)]
-        # decoupled weight decay: Muon's matrices and Adam's embeddings/head; never the scalar group
-        want = hp.muon_wd if is_muon else hp.adam_wd if n.split(".")[0] in ("tok_emb", "lm_head") or "bigram.embed" in n else 0.0
+        # decoupled weight decay: Muon's matrices, the embedding tables, Adam's controls; never an untied head or
+        # Mamba's SSM parameters
+        if is_muon:
+            want = hp.muon_wd
+        elif n.startswith(("tok_emb.", "bigram.embed.")):
+            want = hp.embed_wd
+        elif n.startswith("lm_head.") or n.rsplit(".", 1)[-1] in ("A_log", "dt_bias", "D", "conv_weight", "conv_bias",
+                                                                   "norm_weight"):
+            want = 0.0
+        else:
+            want = hp.adam_wd
         assert decay == want, n
         start = before[n] * (1 - lr * decay)
         if is_muon:  # nesterov momentum on a fresh buffer: orthogonalize (1 + momentum) * g
@@ -64,15 +74,18 @@ def test_each_parameter_updated_exactly_once_per_step(wd):
 
 
 def test_lr_schedule_warmup_and_warmdown():
-    hp = make_hp(LR_WARMUP_STEPS=10, WARMDOWN_ITERS=100, ITERATIONS=300)
-    assert tg.lr_scale(0, 0, hp, 0) == pytest.approx(0.1)
-    assert tg.lr_scale(50, 0, hp, 0) == 1.0
-    assert tg.lr_scale(250, 0, hp, 0) == pytest.approx(0.5)
-    assert tg.lr_scale(300, 0, hp, 0) == 0.0
-    # by wall clock: 1 s/step so far, 100 warmdown steps = the last 100 s of a 400 s budget
-    assert tg.lr_scale(100, 100.0, hp, 400.0) == 1.0
-    assert tg.lr_scale(350, 350.0, hp, 400.0) == pytest.approx(0.5)
-    assert tg.lr_scale(410, 410.0, hp, 400.0) == 0.0
+    """Warmup by steps; then flat until 1 - WARMDOWN_FRAC of training, then linear down to MIN_LR."""
+    hp = make_hp(LR_WARMUP_STEPS=10, WARMDOWN_FRAC=0.4, ITERATIONS=300)
+    assert tg.lr_scale(0, 0.0, hp) == pytest.approx(0.1)
+    assert tg.lr_scale(50, 0.5, hp) == 1.0
+    assert tg.lr_scale(250, 0.8, hp) == pytest.approx(0.5)
+    assert tg.lr_scale(300, 1.0, hp) == 0.0
+    assert tg.lr_scale(300, 1.0, make_hp(WARMDOWN_FRAC=0.4, MIN_LR=0.1)) == pytest.approx(0.1)
+    assert tg.lr_scale(100, 0.9, make_hp(WARMDOWN_FRAC=0)) == 1.0
+    # the fraction: by steps without a budget, by the wall clock with one, clamped to [0, 1]
+    assert tg.training_fraction(75, 0.0, hp, 0.0) == 0.25
+    assert tg.training_fraction(5, 100.0, hp, 400.0) == 0.25
+    assert tg.training_fraction(5, 410.0, hp, 400.0) == 1.0
 
 
 def _train(rank, world_size, data_dir, env, steps, out_dir, port):
@@ -86,7 +99,7 @@ def _train(rank, world_size, data_dir, env, steps, out_dir, port):
     model = tg.HybridGPT(hp)
     opts = tg.build_optimizers(model, hp)
     loader = tg.DistributedTokenLoader(tg.shard_files(data_dir, "train"), ctx.rank, world_size, ctx.device)
-    losses = [tg.train_step(model, opts, loader, hp, ctx, s, 0.0, 0.0) for s in range(steps)]
+    losses = [tg.train_step(model, opts, loader, hp, ctx, s, 1.0) for s in range(steps)]
     torch.save({"state": model.state_dict(), "losses": losses}, os.path.join(out_dir, f"w{world_size}_r{rank}.pt"))
     if ctx.distributed:
         leave_gloo()

@@ -129,7 +129,7 @@ def _loop_with_skewed_clock(rank, world_size, data_dir, port, out_dir):
     ctx = join_gloo(rank, world_size, port)
     hp = tg.Hyperparameters(dict(SMOKE="1", TRAIN_BATCH_TOKENS="512", TRAIN_SEQ_LEN="32", MODEL_DIM="32", NUM_HEADS="2",
                                  NUM_KV_HEADS="1", MAMBA_HEADDIM="16", MAMBA_CHUNK_SIZE="16", GRAD_ACCUM_STEPS="1",
-                                 ITERATIONS="100000", WARMDOWN_ITERS="100000", MAX_WALLCLOCK_SECONDS="3",
+                                 ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3",
                                  GPTQ_RESERVE_SECONDS="0", EMA_DECAY="0", TRAIN_LOG_EVERY="100000", EVAL_STRIDE="16"))
     hp.resolve_world(world_size)
     torch.manual_seed(0)

@@ -69,13 +69,13 @@ def randomize_weights(model, seed):
 
 def torchrun_smoke(cwd, nproc, timeout=300):
     """The whole SMOKE pipeline under torchrun on nproc ranks (GPUs if there are, else gloo on the CPU),
-    compiled where CUDA is, with TTT. The LR schedule and the stop run by the wall clock only (huge
-    ITERATIONS and WARMDOWN_ITERS): each rank reading its own clock once made the replicas diverge on the
+    compiled where CUDA is, with TTT. The LR schedule, the recurrence's switch-on and the stop run by the
+    wall clock (huge ITERATIONS): each rank reading its own clock once made the replicas diverge on the
     proxy. Returns the CompletedProcess; train_gpt itself stops if the ranks' weights differ."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(SMOKE="1", COMPILE="1", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="20", ITERATIONS="1000000",
-               WARMDOWN_ITERS="1000000", TTT_ENABLED="1", EVAL_STRIDE="128", RUN_ID="torchrun_smoke",
+               TTT_ENABLED="1", EVAL_STRIDE="128", RUN_ID="torchrun_smoke",
                PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            str(root / "train_gpt.py")], cwd=cwd, env=env, capture_output=True, text=True,

@@ -24,7 +24,7 @@ a = ap.parse_args()
 torch.set_num_threads(a.threads)
 hp = tg.Hyperparameters({"SMOKE": "1", "MAX_WALLCLOCK_SECONDS": str(a.seconds), "MODEL_DIM": "128",
                          "NUM_LAYERS": "4", "MAMBA_HEADDIM": "32", "MLP_MULT": "3", "ITERATIONS": "400",
-                         "WARMDOWN_ITERS": "150", "TRAIN_LOG_EVERY": "100"})
+                         "WARMDOWN_FRAC": "0.375", "TRAIN_LOG_EVERY": "100"})
 root = Path(tempfile.mkdtemp(prefix="quant_study_"))
 tg.make_smoke_corpus(root, hp.vocab_size)
 hp.data_path, hp.tokenizer_path = str(root), str(root / "smoke.model")
