@@ -1680,7 +1680,7 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     t0, cap = time.time(), int(hp.target_mb * 1e6)
     blob = fit_to_cap(quantized, model, hessians, cap - code_bytes, hp.quant_min_bits, hp.gptq_clip_search, log=log,
                       sigmas=hp.quant_sigmas)
-    path = f"logs/{hp.run_id}.int6.xz"
+    path = f"logs/{hp.run_id}.artifact"
     if ctx.is_main:
         Path(path).write_bytes(blob)
     if ctx.distributed:
