@@ -1383,7 +1383,11 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
     price of a step being its increase in Hessian-weighted error per byte saved (bytes from the values'
     entropy, scaled to what LZMA achieved). Still over at QUANT_MIN_BITS: a loud stop. (Zeroing +-1 weights
     instead was measured far worse: +33% to +215% Hessian-weighted error where lowering cost +7-8%.)"""
+    t0 = time.time()
+    raw_mb = sum(q.numel() * (4 if kind == "float" else 1) for kind, q, _ in quantized.values()) / 1e6
+    log(f"export: compressing {raw_mb:.1f} MB (xz and brotli each part; minutes at brotli's quality 11)")
     blob = serialize(quantized)
+    log(f"export: {len(blob):,} model bytes in {time.time() - t0:.0f}s")
     if len(blob) <= limit_bytes:
         return blob
     log(f"export: {len(blob):,} model bytes > {limit_bytes:,}: lowering bit widths, cheapest first "
@@ -1421,7 +1425,9 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
             lowered[name] = kind
             if (following := next_step(name)) is not None:
                 heapq.heappush(steps, following)
+        t0 = time.time()
         blob = serialize(quantized)
+        log(f"export: {len(blob):,} model bytes after lowering {len(lowered)} matrices ({time.time() - t0:.0f}s)")
         lz_ratio = len(blob) / estimated_bytes(quantized)
     counts = {k: sum(v == k for v in lowered.values()) for k in ("int5", "int4")}
     log(f"export: lowered {len(lowered)} matrices (now int5: {counts['int5']}, int4: {counts['int4']}) -> "

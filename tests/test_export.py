@@ -591,7 +591,8 @@ def test_fit_to_cap_under_the_cap_changes_nothing(calibrated, quantized, blob):
     model, _, hessians, _ = calibrated
     logs = []
     assert tg.fit_to_cap(quantized, model, hessians, len(blob), log=logs.append) == blob
-    assert logs == []
+    assert logs[0].startswith("export: compressing") and logs[1].startswith(f"export: {len(blob):,} model bytes in")
+    assert len(logs) == 2
 
 
 def test_fit_to_cap_lowers_bit_widths(calibrated, quantized, blob):
@@ -602,8 +603,10 @@ def test_fit_to_cap_lowers_bit_widths(calibrated, quantized, blob):
     logs = []
     fitted = tg.fit_to_cap(quantized, model, hessians, limit, log=logs.append)
     assert len(fitted) <= limit
-    assert logs[0].startswith(f"export: {len(blob):,} model bytes > {limit:,}: lowering bit widths")
-    lowered = dict(pair.split("=") for pair in logs[1].rsplit(" model bytes: ", 1)[1].split(", "))
+    assert logs[2].startswith(f"export: {len(blob):,} model bytes > {limit:,}: lowering bit widths")
+    summary = [m for m in logs if m.startswith("export: lowered ")]
+    assert len(summary) == 1 and any("model bytes after lowering" in m for m in logs)
+    lowered = dict(pair.split("=") for pair in summary[0].rsplit(" model bytes: ", 1)[1].split(", "))
     assert lowered and set(lowered.values()) <= {"int5", "int4"}
     entries = json.loads(decoded_parts(fitted)["header"])
     assert {e["name"] for e in entries if e["kind"] in ("int5", "int4")} == set(lowered)
