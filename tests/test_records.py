@@ -273,7 +273,7 @@ def test_smoke_logs_refused_for_the_projects_records(tmp_path, capsys, monkeypat
             "0.65", "--out", str(out), "--requirements", str(ROOT / "requirements.txt"), "--train-script", str(SCRIPT)]
         assert pk.main(argv) == 1
         err = capsys.readouterr().err
-        assert "inside the project's records/" in err and "SMOKE=1 runs" in err and "pass --out elsewhere" in err
+        assert "inside the project's records/" in err and "these logs are SMOKE=1 runs: " in err and "pass --out elsewhere" in err
     assert not (tmp_path / "records").exists()
     assert pk.parse_args(argv[:3] + argv[3:13]).out == pk.DEFAULT_OUT  # without --out
 
