@@ -172,7 +172,8 @@ def validate(paths, runs, script, packed, requirements, out_dir):
     smoke = [p for p, r in zip(paths, runs) if r and r.summary and r.summary.get("config", {}).get("SMOKE")]
     if smoke and out_dir.resolve().is_relative_to(PROJECT_RECORDS.resolve()):
         errors.append(f"{out_dir}: inside the project's records/, which holds real FineWeb packages only "
-                      f"(records/README.md), and these logs are SMOKE=1 runs: {', '.join(map(str, smoke))}; pass --out elsewhere")
+                      f"(records/README.md), and these logs are SMOKE=1 runs: {', '.join(map(str, smoke))}; "
+                      "pass --out elsewhere")
     return errors
 
 # ----------------------------------------------------------------------------------------------

@@ -55,10 +55,6 @@ class Run:
     def seed(self):
         return self.config.get("SEED")
 
-    @property
-    def label(self):
-        return f"seed {self.seed} ({self.config.get('RUN_ID', self.path.stem)})"
-
     def anchors(self):
         """(step, training seconds) points. A step line's step_ms is the training clock divided by the step
         (validation is paused out of that clock), so step * step_ms is the elapsed training time, to 0.1 ms per
