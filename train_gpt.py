@@ -39,7 +39,7 @@ SMOKE_DEFAULTS = dict(
     RECUR_LAYERS="1,2", RECUR_LOOPS=1, PARALLEL_FROM=3, ROPE_DIMS=8,
     BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096, GRAD_ACCUM_STEPS=1,
     ITERATIONS=300, WARMDOWN_FRAC=0.33, WARMUP_STEPS=0, LR_WARMUP_STEPS=10, VAL_BATCH_SIZE=16384,
-    VAL_LOSS_EVERY=100, TRAIN_LOG_EVERY=50, MAX_WALLCLOCK_SECONDS=90, MATRIX_LR=0.02, MAMBA_MATRIX_LR=0.02,
+    VAL_LOSS_EVERY=50, TRAIN_LOG_EVERY=5, MAX_WALLCLOCK_SECONDS=90, MATRIX_LR=0.02, MAMBA_MATRIX_LR=0.02,
     SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=100, GPTQ_CALIB_TOKENS=16384,
     GPTQ_RESERVE_SECONDS=5,
     EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
@@ -1441,6 +1441,30 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
     return blob
 
 
+def packed_source(code: bytes) -> bytes:
+    """The train_gpt.py a submission holds, the code the challenge counts: a three-line program that sets
+    READABLE_SOURCE_BYTES (how main() knows it runs packed) and execs this source, docstrings and comments
+    removed, from an LZMA + base85 string (26% of the readable bytes; docs/packing.md has the measurements).
+    Imports inside, so records/package.py can load this function alone, without torch."""
+    import ast, base64, lzma
+    tree = ast.parse(code)
+    for node in ast.walk(tree):  # nothing reads __doc__
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    source = ast.unparse(tree)
+    if ast.dump(ast.parse(source)) != ast.dump(tree):
+        raise ValueError("ast.unparse did not reproduce the program; not packing it")
+    # LZMA1 in the .lzma container, which lzma.decompress detects by itself; lc=3 lp=pb=0 nice_len=64 was
+    # the smallest of the settings measured
+    blob = lzma.compress(source.encode(), format=lzma.FORMAT_ALONE, filters=[dict(
+        id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0, nice_len=64)])
+    return (f"import lzma,base64\nREADABLE_SOURCE_BYTES={len(code)}\n"
+            f'exec(lzma.decompress(base64.b85decode("{base64.b85encode(blob).decode()}")))\n').encode()
+
+
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: every validation target scored exactly once, with as much left context as fits
 # ----------------------------------------------------------------------------------------------
@@ -1724,10 +1748,17 @@ def main():
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    # the challenge counts the packed file (packed_source): run from it (its wrapper sets READABLE_SOURCE_BYTES),
+    # count it as it is; run from the readable source, count what packing it gives
+    own = Path(__file__).read_bytes()
+    code = own if "READABLE_SOURCE_BYTES" in globals() else packed_source(own)
+    code_bytes, code_sha256 = len(code), hashlib.sha256(code).hexdigest()
+    code_line = f"code_bytes:{code_bytes} (packed) readable_bytes:{globals().get('READABLE_SOURCE_BYTES', len(own))}"
     if hp.dry_run:
         with torch.device("meta"):
             model = HybridGPT(hp)
-        describe(hp, model, print, len(Path(__file__).read_bytes()))
+        print(code_line)
+        describe(hp, model, print, code_bytes)
         return
     ctx = Context()
     try:
@@ -1735,8 +1766,6 @@ def main():
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    code = Path(__file__).read_bytes()
-    code_bytes, code_sha256 = len(code), hashlib.sha256(code).hexdigest()
     os.makedirs("logs", exist_ok=True)
     logfile = f"logs/{hp.run_id}.txt"
 
@@ -1772,7 +1801,7 @@ def main():
     if int(val_tokens.max()) >= hp.vocab_size:
         raise SystemExit(f"validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
     log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
-        f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} code_bytes:{code_bytes} code_sha256:{code_sha256}")
+        f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} {code_line} code_sha256:{code_sha256}")
     configure_kernels(hp, ctx.device, log)
 
     base_model = HybridGPT(hp).to(ctx.device)

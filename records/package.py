@@ -3,13 +3,17 @@
 
     python3 records/package.py logs/s1.txt logs/s2.txt logs/s3.txt --name NAME --author AUTHOR \\
         --github-id ID --track track_10min_16mb --baseline-bpb 1.0810 [--baseline-loss 2.7900] \\
-        [--baseline-scores 1.0807,1.0812,1.0811] [--blurb TEXT] [--date YYYY-MM-DD] [--out records] \\
+        [--baseline-scores 1.0807,1.0812,1.0811] [--blurb TEXT] [--date YYYY-MM-DD] [--out DIR] \\
         [--requirements requirements.txt] [--train-script train_gpt.py] [--hardware "8xH100 80GB SXM"]
 
-writes <out>/<track>/<date>_<name>/ with README.md, submission.json, train_seed<SEED>.log per log,
-train_gpt.py, requirements.txt and training_curves.png. Every check runs first (final_summary present,
-artifact <= 16,000,000 bytes, train and eval <= 600 s, one train_gpt.py for all logs and it is the one copied,
-distinct seeds, same config apart from SEED/RUN_ID/paths); any failure is listed and nothing is written.
+writes <out>/<track>/<date>_<name>/ (out: ~/pgolf-submissions unless --out says otherwise) with README.md,
+submission.json, train_seed<SEED>.log per log, train_gpt.py packed from --train-script (train_gpt's
+packed_source(): the file the challenge counts and runs), requirements.txt, install_gpu.sh and
+training_curves.png; SMOKE packages also get data/smoke_corpus.py and data/shard_format.py, so that SMOKE=1
+runs there. Every check runs first (final_summary present, artifact <= 16,000,000 bytes, train and eval
+<= 600 s, every log's code_sha256 and code_bytes those of the packed file written, distinct seeds, same
+config apart from SEED/RUN_ID/paths, no SMOKE logs in the project's records/); any failure is listed and
+nothing is written.
 
 Significance: a one-sided t-test of the per-seed final scores against the baseline less the challenge's
 0.005-nat margin, at p < 0.01 (see significance()). It is reported, never a reason to refuse packaging.
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse, ast, datetime, hashlib, json, math, re, shlex, shutil, statistics, sys, tempfile
 from pathlib import Path
+
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runlog import Run, plot_runs  # noqa: E402
@@ -31,59 +37,22 @@ SUMMARY_KEYS = ("val_bpb", "val_loss", "artifact_bytes", "code_bytes", "code_sha
                 "eval_seconds", "world_size", "config")
 PLOT = "training_curves.png"
 INSTALL = "install_gpu.sh"  # tools/install_gpu.sh, copied beside train_gpt.py
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_RECORDS = ROOT / "records"    # real FineWeb packages only (records/README.md)
+DEFAULT_OUT = Path.home() / "pgolf-submissions"
+SMOKE_FILES = ("data/smoke_corpus.py", "data/shard_format.py")  # what SMOKE=1 loads from beside train_gpt.py
+PACKED_MARKER = b"\nREADABLE_SOURCE_BYTES="  # the packed file's second line (train_gpt's packed_source)
 
 # ----------------------------------------------------------------------------------------------
-# Student's t distribution (no scipy): CDF through the regularized incomplete beta function
+# Significance
 # ----------------------------------------------------------------------------------------------
-
-def betainc(a, b, x):
-    """Regularized incomplete beta I_x(a, b), by its continued fraction evaluated with the modified Lentz
-    method. The fraction converges fast for x < (a + 1) / (a + b + 2); above that use I_x(a,b) = 1 - I_{1-x}(b,a)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - betainc(b, a, 1.0 - x)
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    # I_x(a,b) = front / a * 1/(1 + d1/(1 + d2/(1 + ...))), with
-    #   d(2m+1) = -(a+m)(a+b+m)x / ((a+2m)(a+2m+1)),   d(2m) = m(b-m)x / ((a+2m-1)(a+2m)).
-    # Lentz: f = b0 + a1/(b1 + a2/(b2 + ...)) with b0 = 0 (kept at `tiny`), a1 = 1, a(k+1) = d(k), b(k) = 1.
-    tiny = 1e-300
-    f, c, d = tiny, tiny, 0.0
-    for k in range(1, 400):
-        if k == 1:
-            num = 1.0
-        elif k % 2 == 0:   # a(k) = d(k-1), k-1 = 2m+1 odd
-            m = k // 2 - 1
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        else:              # a(k) = d(k-1), k-1 = 2m even
-            m = k // 2
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        f *= c * d
-        if abs(c * d - 1.0) < 1e-14:
-            break
-    return math.exp(log_front) * f / a
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom (any real df > 0)."""
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))   # P(T <= -|t|)
-    return tail if t < 0 else 1.0 - tail
-
 
 def significance(scores, baseline, baseline_scores=None, margin=MARGIN, alpha=ALPHA):
     """One-sided test that the mean score beats the baseline by more than the margin (lower is better):
     H0: mean(scores) >= baseline - margin   vs   H1: mean(scores) < baseline - margin.
-    One baseline value: one-sample t-test, t = (mean - (baseline - margin)) / (s / sqrt(n)), df = n - 1.
-    Per-seed baseline values: Welch's two-sample test, t = (mean - mean_b + margin) / sqrt(s^2/n + s_b^2/n_b),
-    with Welch-Satterthwaite df. p = P(T <= t)."""
+    One baseline value: scipy's one-sample t-test against baseline - margin (df = n - 1). Per-seed baseline
+    values: scipy's Welch test against those values less the margin (shifting them moves their mean by the
+    margin and leaves their variance as it is), Welch-Satterthwaite df."""
     n, mean = len(scores), statistics.fmean(scores)
     out = dict(n=n, mean=mean, std=statistics.stdev(scores) if n > 1 else None, margin=margin, alpha=alpha)
     if baseline_scores:
@@ -96,16 +65,15 @@ def significance(scores, baseline, baseline_scores=None, margin=MARGIN, alpha=AL
     out["threshold"] = mb - margin
     if n < 2:
         return dict(out, t=None, df=None, p=None, significant=False)
-    var_term = out["std"] ** 2 / n
-    se2 = var_term + (vb / nb if nb else 0.0)
-    diff = mean - out["threshold"]
-    if se2 == 0:   # no spread at all (identical scores): decided by the sign alone
-        t, df, p = (-math.inf, n - 1, 0.0) if diff < 0 else (math.inf, n - 1, 1.0)
+    if out["std"] == 0 and vb == 0:  # no spread at all (identical scores): decided by the sign alone
+        below = mean < out["threshold"]
+        return dict(out, t=-math.inf if below else math.inf, df=n - 1, p=0.0 if below else 1.0, significant=below)
+    if baseline_scores:
+        res = stats.ttest_ind(scores, [b - margin for b in baseline_scores], equal_var=False, alternative="less")
     else:
-        t = diff / math.sqrt(se2)
-        df = se2 ** 2 / (var_term ** 2 / (n - 1) + (vb / nb) ** 2 / (nb - 1)) if nb else n - 1
-        p = t_cdf(t, df)
-    return dict(out, t=t, df=df, p=p, significant=p < alpha)
+        res = stats.ttest_1samp(scores, out["threshold"], alternative="less")
+    p = float(res.pvalue)
+    return dict(out, t=float(res.statistic), df=float(res.df), p=p, significant=p < alpha)
 
 
 def describe_test(sig, metric):
@@ -125,16 +93,43 @@ def describe_test(sig, metric):
 # Checks
 # ----------------------------------------------------------------------------------------------
 
-def validate(paths, runs, script, requirements, out_dir):
-    """Every problem, one line each, naming the log; an empty list means the package can be written."""
+def load_packer(source, path):
+    """The script's own packed_source(), compiled alone: importing the script would import torch (and register
+    its custom ops a second time in a process that imported train_gpt already). None if it has none."""
+    tree = ast.parse(source)
+    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "packed_source"), None)
+    if fn is None:
+        return None
+    namespace = {}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["packed_source"]
+
+
+def pack(script):
+    """(packed train_gpt.py, None) from the readable script, or (None, the reason it cannot be packed)."""
+    if not script.is_file():
+        return None, f"{script}: no such file"
+    code = script.read_bytes()
+    if PACKED_MARKER in code[:200]:
+        return None, f"{script}: already packed (it sets READABLE_SOURCE_BYTES); pass the readable train_gpt.py"
+    try:
+        packer = load_packer(code, script)
+    except SyntaxError as e:
+        return None, f"{script}: not Python ({e})"
+    if packer is None:
+        return None, f"{script}: has no packed_source(); not a train_gpt.py this packager can pack"
+    return packer(code), None
+
+
+def validate(paths, runs, script, packed, requirements, out_dir):
+    """Every problem, one line each, naming the log; an empty list means the package can be written.
+    packed: the packed train_gpt.py that will be written (None when the script could not be packed)."""
     errors = []
-    for p in (script, requirements):
-        if not p.is_file():
-            errors.append(f"{p}: no such file")
+    if not requirements.is_file():
+        errors.append(f"{requirements}: no such file")
     if out_dir.exists():
         errors.append(f"{out_dir}: already exists; not overwriting")
-    code = script.read_bytes() if script.is_file() else None
-    sha = hashlib.sha256(code).hexdigest() if code is not None else None
+    sha = hashlib.sha256(packed).hexdigest() if packed is not None else None
     seen_seed, first = {}, None
     for path, run in zip(paths, runs):
         if run is None:
@@ -154,10 +149,11 @@ def validate(paths, runs, script, requirements, out_dir):
             if s[key] > TIME_CAP:
                 errors.append(f"{path}: {key} {s[key]} > {TIME_CAP:.0f}")
         if sha is not None and s["code_sha256"] != sha:
-            errors.append(f"{path}: code_sha256 {s['code_sha256'][:12]}... is not the sha256 of {script} "
-                          f"({sha[:12]}...): the log comes from another version of the script")
-        if code is not None and s["code_bytes"] != len(code):
-            errors.append(f"{path}: code_bytes {s['code_bytes']} != {len(code)} bytes of {script}")
+            errors.append(f"{path}: code_sha256 {s['code_sha256'][:12]}... is not the sha256 of {script} packed "
+                          f"({sha[:12]}...): the log comes from another version of the script (or another "
+                          "Python / liblzma packed it differently)")
+        if packed is not None and s["code_bytes"] != len(packed):
+            errors.append(f"{path}: code_bytes {s['code_bytes']} != {len(packed)} bytes of {script} packed")
         seed = s["config"].get("SEED")
         if seed in seen_seed:
             errors.append(f"{path}: SEED {seed} again (also in {seen_seed[seed]}); seeds must be distinct")
@@ -173,6 +169,11 @@ def validate(paths, runs, script, requirements, out_dir):
                 errors.append(f"{path}: config {k}={s['config'].get(k)!r} differs from {p0} ({s0['config'].get(k)!r})")
     if len({r.summary.get("code_sha256") for r in runs if r and r.summary}) > 1:
         errors.append("logs: code_sha256 differs between the logs: they come from different train_gpt.py versions")
+    smoke = [p for p, r in zip(paths, runs) if r and r.summary and r.summary.get("config", {}).get("SMOKE")]
+    if smoke and out_dir.resolve().is_relative_to(PROJECT_RECORDS.resolve()):
+        errors.append(f"{out_dir}: inside the project's records/, which holds real FineWeb packages only "
+                      f"(records/README.md), and these logs are SMOKE=1 runs: {', '.join(map(str, smoke))}; "
+                      "pass --out elsewhere")
     return errors
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +288,11 @@ def margin_note(runs, metric):
             f"Pass --baseline-loss (the record's val_loss) for the exact test.")
 
 
-def write_readme(args, runs, sig, metric, env, consts, folder_files):
+UNPACK = ("python3 -c \"import lzma,base64;print(lzma.decompress(base64.b85decode("
+          "open('train_gpt.py').read().split('\\\"')[1])).decode())\"")  # the base85 string: the file's only quotes
+
+
+def write_readme(args, runs, sig, metric, env, consts, folder_files, readable):
     s0, n = runs[0].summary, len(runs)
     cfg, ws = s0["config"], s0["world_size"]
     bpb, bpb_sd = mean_std([r.summary["val_bpb"] for r in runs])
@@ -310,15 +315,20 @@ def write_readme(args, runs, sig, metric, env, consts, folder_files):
           f"Comparison: mean {metric} {sig['mean']:.5f} vs baseline {sig['baseline']:.5f}: "
           f"{sig['mean'] - sig['baseline']:+.5f}. " + margin_note(runs, metric), "",
           "## Launch", "",
-          f"train_gpt.py (sha256 `{s0['code_sha256']}`), run from this folder. Settings that differ from "
-          "train_gpt.py's defaults" + (" (SMOKE's defaults, as SMOKE=1)" if cfg.get("SMOKE") else "")
+          f"train_gpt.py (sha256 `{s0['code_sha256']}`, {s0['code_bytes']:,} bytes, the code the artifact "
+          "counts), run from this folder. Settings that differ from train_gpt.py's defaults"
+          + (" (SMOKE's defaults, as SMOKE=1)" if cfg.get("SMOKE") else "")
           + "; the full resolved configuration is below.", ""]
     L += (["    export " + " ".join(env)] if env else []) + [
         f"    SEED={r.seed} RUN_ID={shlex.quote(str(r.config.get('RUN_ID')))} {launcher(ws)}" for r in runs]
+    L += ["", "## Code", "", f"train_gpt.py is packed: a three-line program that decompresses (LZMA, base85) and runs "
+          f"the readable train_gpt.py of sha256 `{hashlib.sha256(readable).hexdigest()}` ({len(readable):,} bytes) "
+          "with its docstrings and comments removed. To read what it runs:", "", f"    {UNPACK}"]
     L += ["", "## Setup", "", "    pip install -r requirements.txt",
           "    bash install_gpu.sh   # the optional GPU kernels: mamba-ssm's Triton SSD, causal-conv1d, FA3"]
     if cfg.get("SMOKE"):
-        L += ["", "SMOKE=1 builds its own tiny corpus and tokenizer; no data download."]
+        L += ["", "SMOKE=1 builds its own tiny corpus and tokenizer (data/smoke_corpus.py, here for that); "
+              "no data download."]
     else:
         hint = consts.get("DOWNLOAD_HINT")
         if hint and "VOCAB_SIZE" in cfg:
@@ -376,7 +386,8 @@ def parse_args(argv):
                     "(val_loss if --baseline-loss, else val_bpb): Welch's two-sample test")
     ap.add_argument("--blurb", default="")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
-    ap.add_argument("--out", type=Path, default=Path("records"))
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where <track>/<date>_<name>/ goes (default "
+                    f"{DEFAULT_OUT}); the project's records/ is for real FineWeb packages only")
     ap.add_argument("--requirements", type=Path, default=Path("requirements.txt"))
     ap.add_argument("--train-script", type=Path, default=Path("train_gpt.py"))
     ap.add_argument("--hardware", help="e.g. '8xH100 80GB SXM' (the logs do not say)")
@@ -402,7 +413,9 @@ def main(argv=None):
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name).strip("_") or "submission"
     out_dir = args.out / args.track / f"{args.date}_{slug}"
     runs = [Run(p) if p.is_file() else None for p in args.logs]
-    errors = validate(args.logs, runs, args.train_script, args.requirements, out_dir)
+    packed, pack_error = pack(args.train_script)
+    errors = ([pack_error] if pack_error else []) + validate(args.logs, runs, args.train_script, packed,
+                                                             args.requirements, out_dir)
     if errors:
         print(f"error: {len(errors)} problem{'s' * (len(errors) > 1)}; nothing written:", file=sys.stderr)
         for e in errors:
@@ -415,7 +428,9 @@ def main(argv=None):
     defaults, smoke_defaults, consts = script_defaults(args.train_script.read_text())
     env = launch_env(runs[0].summary["config"], runs[0].summary["world_size"], defaults, smoke_defaults)
     logs = [f"train_seed{r.seed}.log" for r in runs]
-    files = ["README.md", "submission.json", *logs, "train_gpt.py", "requirements.txt", INSTALL, PLOT]
+    smoke = bool(runs[0].summary["config"].get("SMOKE"))
+    files = ["README.md", "submission.json", *logs, "train_gpt.py", "requirements.txt", INSTALL, PLOT,
+             *(SMOKE_FILES if smoke else ())]
 
     # Build in a scratch folder and move it into place at the end: a failure midway leaves nothing behind.
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,16 +438,20 @@ def main(argv=None):
         stage.mkdir()
         for r, name in zip(runs, logs):
             shutil.copyfile(r.path, stage / name)
-        shutil.copyfile(args.train_script, stage / "train_gpt.py")
+        (stage / "train_gpt.py").write_bytes(packed)
         shutil.copyfile(args.requirements, stage / "requirements.txt")
-        shutil.copyfile(Path(__file__).resolve().parents[1] / "tools" / INSTALL, stage / INSTALL)
-        plot_runs(runs, stage / PLOT, title=args.name)
+        shutil.copyfile(ROOT / "tools" / INSTALL, stage / INSTALL)
+        for name in SMOKE_FILES if smoke else ():
+            (stage / name).parent.mkdir(exist_ok=True)
+            shutil.copyfile(ROOT / name, stage / name)
+        plot_runs(runs, stage / PLOT, title=args.name, labels=[f"seed {r.seed}" for r in runs])
         (stage / "submission.json").write_text(json.dumps(submission(args, runs, sig, metric), indent=2) + "\n")
-        (stage / "README.md").write_text(write_readme(args, runs, sig, metric, env, consts, files))
+        (stage / "README.md").write_text(write_readme(args, runs, sig, metric, env, consts, files,
+                                                      args.train_script.read_bytes()))
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(stage), str(out_dir))
 
-    if runs[0].summary["config"].get("SMOKE"):
+    if smoke:
         print("warning: these are SMOKE=1 runs, not FineWeb results (the README says so)", file=sys.stderr)
     print(f"wrote {out_dir}/: {', '.join(files)}")
     print(describe_test(sig, metric))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 STEP_RE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) step_ms:(\S+) .*train_time:(\S+)s")
@@ -54,10 +55,6 @@ class Run:
     def seed(self):
         return self.config.get("SEED")
 
-    @property
-    def label(self):
-        return f"seed {self.seed} ({self.config.get('RUN_ID', self.path.stem)})"
-
     def anchors(self):
         """(step, training seconds) points. A step line's step_ms is the training clock divided by the step
         (validation is paused out of that clock), so step * step_ms is the elapsed training time, to 0.1 ms per
@@ -80,33 +77,61 @@ class Run:
         return t_last + (step - s_last) * (self.steps[-1][2] / 1000 if self.steps else 0.0)
 
 
-def plot_runs(runs, out_path, title=None):
-    """Two panels against training wall-clock seconds: train loss, and validation bpb (the periodic val
-    lines, plus a star for the final score at train_seconds). One colour per run."""
+def smoothed(values, window):
+    """Centred moving average over `window` points (fewer at the ends): the loss of one batch is noisy and
+    its trend is what the plot is for. Centred, so that it does not lag behind a fast early drop the way
+    an exponential average does."""
+    half = max(int(window), 1) // 2
+    return [statistics.fmean(values[max(0, i - half):i + half + 1]) for i in range(len(values))]
+
+
+def default_labels(runs):
+    """Short legend names: 'seed N' when the seeds tell the runs apart, else each RUN_ID (or the file name)."""
+    seeds = [r.seed for r in runs]
+    if None not in seeds and len(set(seeds)) == len(seeds):
+        return [f"seed {s}" for s in seeds]
+    return [str(r.config.get("RUN_ID", r.path.stem)) for r in runs]
+
+
+def plot_runs(runs, out_path, title=None, labels=None):
+    """Two panels against training wall-clock seconds, both on a log scale: train loss (each logged step
+    faint, its centred moving average solid) and validation bpb (the periodic val lines joined, a star for the
+    final score at train_seconds). One colour per run, labelled `labels` (default_labels if None)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
-    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, run in enumerate(runs):
+    labels = list(labels) if labels is not None else default_labels(runs)
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for i, (run, label) in enumerate(zip(runs, labels)):
         color = f"C{i % 10}"
         if run.steps:
-            ax_loss.plot([s * ms / 1000 for s, _, ms in run.steps], [l for _, l, _ in run.steps],
-                         color=color, label=run.label)
+            t = [s * ms / 1000 for s, _, ms in run.steps]
+            loss = [l for _, l, _ in run.steps]
+            ax_loss.plot(t, loss, color=color, alpha=0.25, lw=0.8)
+            ax_loss.plot(t, smoothed(loss, len(loss) / 15), color=color, lw=1.8, label=label)
         if run.vals:
             ax_bpb.plot([run.seconds_at(s) for s, _, _ in run.vals], [b for _, _, b in run.vals],
-                        "o-", color=color, ms=3, label=run.label)
+                        "o-", color=color, ms=4, label=f"{label} val")
         if run.summary:
-            ax_bpb.plot([run.summary["train_seconds"]], [run.summary["val_bpb"]], "*", color=color, ms=11,
-                        label=f"{run.label} final {run.summary['val_bpb']:.4f}")
-    ax_loss.set(xlabel="training time (s)", ylabel="train loss (nats)", title="train loss")
+            ax_bpb.plot([run.summary["train_seconds"]], [run.summary["val_bpb"]], "*", color=color, ms=12,
+                        label=f"{label} final {run.summary['val_bpb']:.4f}")
+    ax_loss.set(xlabel="training time (s)", ylabel="train loss (nats)", title="train loss (faint: each logged step)")
     ax_bpb.set(xlabel="training time (s)", ylabel="val bpb", title="validation bpb (star: final score)")
     for ax in (ax_loss, ax_bpb):
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")
+        # plain numbers on the log axis: the ranges are narrow (well under a decade), so label the minor ticks too
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_locator(LogLocator(subs="all"))
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.grid(alpha=0.3, which="both")
         if ax.lines:
-            ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
+            ax.legend(fontsize=8)
+    fig.suptitle(title or ("Training curves" + (" (SMOKE=1: tiny synthetic corpus, not FineWeb)"
+                                                if any(r.config.get("SMOKE") for r in runs) else "")))
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

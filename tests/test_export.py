@@ -642,3 +642,67 @@ def test_batched_gptq_equals_one_matrix_at_a_time():
             assert torch.equal(s, S[i])
             assert (q != Q[i]).float().mean() < 0.002, (sigmas, i)
         assert torch.all(Q[1][:, 7] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the packed train_gpt.py (packed_source): the code a submission holds and the challenge counts
+# ---------------------------------------------------------------------------------------------
+
+def run_file(script, cwd, timeout=300, **env):
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update(PYTHONUNBUFFERED="1", **env)
+    return subprocess.run([sys.executable, str(script)], cwd=cwd, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_packed_source_runs_the_program_without_its_docstrings():
+    code = (b'"""Module doc."""\nimport math  # a comment\n\nclass Box:\n    """Class doc."""\n    size = 3\n\n'
+            b'def area(r):\n    """Function doc."""\n    return math.pi * r * r\n\ndef only_doc():\n    """Nothing else."""\n')
+    packed = tg.packed_source(code)
+    assert packed == tg.packed_source(code)  # deterministic: a run and the packager agree on the bytes
+    assert packed.startswith(b"import lzma,base64\nREADABLE_SOURCE_BYTES=%d\n" % len(code)) and packed.count(b"\n") == 3
+    namespace = {"__name__": "packed_test"}
+    exec(packed, namespace)
+    assert namespace["READABLE_SOURCE_BYTES"] == len(code) and namespace["area"](1.0) == pytest.approx(math.pi)
+    assert namespace["Box"].size == 3 and namespace["only_doc"]() is None
+    assert namespace["area"].__doc__ is None and namespace["Box"].__doc__ is None and namespace.get("__doc__") is None
+    with pytest.raises(SyntaxError):
+        tg.packed_source(b"def broken(:\n")
+
+
+def test_packed_file_dry_run_prints_what_the_readable_source_does_and_counts_itself(tmp_path):
+    """The packed file is at most 30% of the readable bytes, counts its own size (what the readable run
+    said it would be) and prints the same config, layer map, parameter counts and estimate."""
+    readable = (ROOT / "train_gpt.py").read_bytes()
+    packed = tmp_path / "train_gpt.py"
+    packed.write_bytes(tg.packed_source(readable))
+    size = packed.stat().st_size
+    assert size <= 0.30 * len(readable)
+    for env in ({}, {"SMOKE": "1", "NUM_LAYERS": "5", "MAMBA_LAYERS": "0,1"}):
+        env = dict(env, DRY_RUN="1", RUN_ID="dry")
+        a, b = run_file(ROOT / "train_gpt.py", tmp_path, **env), run_file(packed, tmp_path, **env)
+        assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+        assert a.stdout == b.stdout
+        assert f"code_bytes:{size} (packed) readable_bytes:{len(readable)}\n" in a.stdout
+        assert "layer map:" in a.stdout and "config {" in a.stdout
+
+
+def test_packed_file_runs_smoke_and_counts_its_own_bytes(tmp_path):
+    """The packed file from a submission folder: without data/smoke_corpus.py beside it SMOKE says what it
+    needs; with it the whole pipeline runs, and the summary counts the file itself."""
+    packed = tmp_path / "train_gpt.py"
+    packed.write_bytes(tg.packed_source((ROOT / "train_gpt.py").read_bytes()))
+    r = run_file(packed, tmp_path, SMOKE="1")
+    assert r.returncode != 0 and "SMOKE=1 needs" in r.stderr and "data/smoke_corpus.py" in r.stderr
+    assert "Traceback" not in r.stderr
+    (tmp_path / "data").mkdir()
+    for name in ("smoke_corpus.py", "shard_format.py"):
+        (tmp_path / "data" / name).write_bytes((ROOT / "data" / name).read_bytes())
+    r = run_file(packed, tmp_path, SMOKE="1", ITERATIONS="10", VAL_LOSS_EVERY="5",
+                 TTT_ENABLED="0", RUN_ID="packed_smoke")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1][len("final_summary "):])
+    data = packed.read_bytes()
+    assert s["code_bytes"] == len(data) and s["code_sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    assert s["artifact_bytes"] == s["code_bytes"] + s["model_bytes"] and s["steps"] == 10
+    assert "step:10/10 val_loss:" in r.stdout and s["val_bpb"] == s["val_bpb_sliding"]

@@ -1,19 +1,25 @@
-"""records/: log parsing, the t distribution and the significance test, the submission packager, the plot.
+"""records/: log parsing, the significance test, the submission packager, the plot.
 
 Fixtures: tests/fixtures/smoke_seed{1,2,3}.txt are the logs of three real SMOKE runs (see
-tests/fixtures/README.md). Their code_sha256/code_bytes are those of train_gpt.py as it was then; the script
-moves on, so `logs()` below writes tmp_path copies whose final_summary is made to match whichever script the
-test passes as --train-script (the real train_gpt.py by default), plus any edits a test wants (a too-large
-artifact, a duplicate seed, ...). Everything else in the logs is as the runs wrote it.
+tests/fixtures/README.md). Their code_sha256/code_bytes are those of train_gpt.py packed as it was then; the
+script moves on, so `logs()` below writes tmp_path copies whose final_summary is made to match whichever script
+the test passes as --train-script (the real train_gpt.py by default) once packed by train_gpt.packed_source,
+plus any edits a test wants (a too-large artifact, a duplicate seed, ...). Everything else in the logs is as
+the runs wrote it.
 """
+import ast
 import hashlib
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import train_gpt as tg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "records"))
@@ -32,7 +38,7 @@ RECORD_KEYS = {"author", "github_id", "name", "blurb", "date", "track", "val_los
 def logs(tmp_path, script=SCRIPT, edits=None, drop_summary=()):
     """Copies of the fixture logs in tmp_path/logs, final_summary's code fields matching `script`;
     edits: {index: {summary key or "SEED": value}}; drop_summary: indices whose final_summary is removed."""
-    code = Path(script).read_bytes()
+    code = tg.packed_source(Path(script).read_bytes())
     out = []
     (tmp_path / "logs").mkdir(exist_ok=True)
     for i, src in enumerate(FIXTURES):
@@ -62,26 +68,38 @@ def package(tmp_path, log_paths, *extra, script=SCRIPT):
     return pk.main(argv)
 
 
-# ---- the t distribution ----------------------------------------------------------------------
+# ---- the significance test ---------------------------------------------------------------------
 
-def test_betainc_known_values():
-    # I_0.4(2, 3) = sum_{j=2..4} C(4,j) 0.4^j 0.6^(4-j) = 0.3456 + 0.1536 + 0.0256
-    assert pk.betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-12)
-    for x in (0.01, 0.3, 0.7, 0.99):  # arcsine law: I_x(1/2, 1/2) = (2/pi) asin(sqrt(x))
-        assert pk.betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), abs=1e-12)
-    assert pk.betainc(3.5, 1.5, 0.2) == pytest.approx(1 - pk.betainc(1.5, 3.5, 0.8), abs=1e-12)
+def scores_with_t(n, t):
+    """n scores and a baseline placed so that the one-sample statistic against baseline - margin is t."""
+    scores = [1.0 + 0.01 * i for i in range(n)]
+    se = statistics.stdev(scores) / math.sqrt(n)
+    return scores, statistics.fmean(scores) - t * se + pk.MARGIN
 
 
-def test_t_cdf_closed_forms_and_table():
-    for t in (-40.0, -6.965, -2.0, -0.3, 0.0, 0.5, 3.0, 12.0):
-        assert pk.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)            # Cauchy
-        assert pk.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
-    # one-sided 1% and 5% critical values from a printed t table (3 decimals: +-0.0005 in t moves p by < 5e-5)
-    for df, t, p in [(1, -31.821, 0.01), (2, -6.965, 0.01), (4, -3.747, 0.01), (10, -2.764, 0.01),
-                     (30, -2.457, 0.01), (5, 2.015, 0.95), (20, -1.725, 0.05)]:
-        assert pk.t_cdf(t, df) == pytest.approx(p, abs=5e-5)
-    assert pk.t_cdf(-1.959964, 1e7) == pytest.approx(0.025, abs=1e-6)  # large df: the normal
-    assert pk.t_cdf(-math.inf, 3) == 0.0 and pk.t_cdf(math.inf, 3) == 1.0
+@pytest.mark.parametrize("df, t, p", [(1, -31.821, 0.01), (2, -6.965, 0.01), (4, -3.747, 0.01), (10, -2.764, 0.01),
+                                      (30, -2.457, 0.01), (5, 2.015, 0.95), (20, -1.725, 0.05)])
+def test_one_sample_p_at_printed_t_table_values(df, t, p):
+    # one-sided critical values from a printed t table (3 decimals: +-0.0005 in t moves p by < 5e-5)
+    scores, baseline = scores_with_t(df + 1, t)
+    sig = pk.significance(scores, baseline)
+    assert sig["df"] == df and sig["t"] == pytest.approx(t, abs=1e-9) and sig["p"] == pytest.approx(p, abs=5e-5)
+    assert sig["significant"] == (sig["p"] < pk.ALPHA)
+
+
+def test_one_sample_p_closed_forms():
+    # df = 1 (two scores): the Cauchy CDF, 0.5 + atan(t) / pi; df = 2: 0.5 + t / (2 sqrt(2 + t^2))
+    for t in (-40.0, -2.0, -0.3, 0.5, 3.0):
+        assert pk.significance(*scores_with_t(2, t))["p"] == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+        assert pk.significance(*scores_with_t(3, t))["p"] == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)),
+                                                                           abs=1e-12)
+
+
+def test_no_hand_written_distribution_code():
+    """scipy.stats does the maths: no incomplete beta or log-gamma of our own under records/."""
+    for path in (ROOT / "records").glob("*.py"):
+        text = path.read_text()
+        assert "betainc" not in text and "lgamma" not in text, path
 
 
 def test_one_sample_test_at_the_table_value():
@@ -124,9 +142,12 @@ def test_valid_package(tmp_path, capsys):
     assert package(tmp_path, paths) == 0
     folder = tmp_path / "out" / "track_10min_16mb" / "2026-05-01_Smoke_hybrid"
     files = {"README.md", "submission.json", "train_seed1.log", "train_seed2.log", "train_seed3.log",
-             "train_gpt.py", "requirements.txt", pk.INSTALL, pk.PLOT}
-    assert {p.name for p in folder.iterdir()} == files
-    assert (folder / "train_gpt.py").read_bytes() == SCRIPT.read_bytes()
+             "train_gpt.py", "requirements.txt", pk.INSTALL, pk.PLOT, *pk.SMOKE_FILES}
+    assert {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} == files
+    packed = (folder / "train_gpt.py").read_bytes()
+    assert packed == tg.packed_source(SCRIPT.read_bytes()) and len(packed) <= 0.3 * len(SCRIPT.read_bytes())
+    for name in pk.SMOKE_FILES:  # SMOKE=1 loads them from beside train_gpt.py
+        assert (folder / name).read_bytes() == (ROOT / name).read_bytes()
     assert (folder / "requirements.txt").read_bytes() == (ROOT / "requirements.txt").read_bytes()
     assert (folder / pk.INSTALL).read_bytes() == (ROOT / "tools" / "install_gpu.sh").read_bytes()
     for i, p in enumerate(paths, 1):
@@ -143,7 +164,7 @@ def test_valid_package(tmp_path, capsys):
     assert sub["val_loss"] == pytest.approx(statistics.fmean(s["val_loss"] for s in S), abs=1e-8)
     assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(s["val_bpb"] for s in S), abs=1e-8)
     assert sub["bytes_total"] == max(s["artifact_bytes"] for s in S)
-    assert sub["bytes_code"] == len(SCRIPT.read_bytes())
+    assert sub["bytes_code"] == len(packed)
     for seed, s in zip(("1", "2", "3"), S):
         r = sub["seed_results"][seed]
         assert r["val_bpb"] == pytest.approx(s["val_bpb"], abs=1e-8) and r["artifact_bytes"] == s["artifact_bytes"]
@@ -167,7 +188,16 @@ def test_valid_package(tmp_path, capsys):
     assert "    export " + " ".join(env) + "\n" in readme
     assert "    SEED=2 RUN_ID=smoke_seed2 python3 train_gpt.py" in readme
     assert f"![training curves]({pk.PLOT})" in readme
+    assert f"sha256 `{hashlib.sha256(packed).hexdigest()}`, {len(packed):,} bytes" in readme
+    assert f"readable train_gpt.py of sha256 `{hashlib.sha256(SCRIPT.read_bytes()).hexdigest()}`" in readme
     assert test_line in capsys.readouterr().out
+    # the README's command to read the packed code prints the program it runs: the source without docstrings
+    assert f"    {pk.UNPACK}\n" in readme
+    shown = subprocess.run(pk.UNPACK, shell=True, cwd=folder, capture_output=True, text=True, check=True).stdout
+    tree = ast.parse(shown)
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {"main", "packed_source", "HybridGPT", "Hyperparameters"} <= names
+    assert ast.get_docstring(tree) is None and not any(ast.get_docstring(n) for n in tree.body if hasattr(n, "name"))
 
 
 def test_loss_baseline_and_welch(tmp_path):
@@ -202,14 +232,50 @@ def test_failures_listed_nothing_written(tmp_path, capsys, edits, drop, expect):
 
 
 def test_other_script_version_is_refused(tmp_path, capsys):
-    """The logs match train_gpt.py; a train script one byte longer is another version: every log is named."""
+    """The logs match train_gpt.py; a train script with one more function is another version: every log is named."""
     other = tmp_path / "train_gpt.py"
-    other.write_bytes(SCRIPT.read_bytes() + b"\n")
+    other.write_bytes(SCRIPT.read_bytes() + b"\n\ndef one_more(x):\n    return [x * 2 for _ in range(3)]\n")
     assert package(tmp_path, logs(tmp_path), script=other) == 1
     err = capsys.readouterr().err
+    counted = len(tg.packed_source(SCRIPT.read_bytes()))
     for p in FIXTURES:
-        assert f"{p.name}: code_sha256" in err and f"{p.name}: code_bytes {len(SCRIPT.read_bytes())} != " in err
+        assert f"{p.name}: code_sha256" in err and f"{p.name}: code_bytes {counted} != " in err
     assert not (tmp_path / "out").exists()
+
+
+def test_scripts_that_cannot_be_packed_are_refused(tmp_path, capsys):
+    packed = tmp_path / "packed" / "train_gpt.py"
+    packed.parent.mkdir()
+    packed.write_bytes(tg.packed_source(SCRIPT.read_bytes()))
+    no_packer = tmp_path / "old" / "train_gpt.py"
+    no_packer.parent.mkdir()
+    no_packer.write_text("def main():\n    pass\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def main(:\n")
+    for script, needle in [(packed, "already packed (it sets READABLE_SOURCE_BYTES); pass the readable"),
+                           (no_packer, "has no packed_source()"), (broken, "not Python"),
+                           (tmp_path / "none.py", "none.py: no such file")]:
+        assert package(tmp_path, logs(tmp_path), script=script) == 1
+        err = capsys.readouterr().err
+        assert needle in err and "nothing written" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoke_logs_refused_for_the_projects_records(tmp_path, capsys, monkeypatch):
+    """records/ holds real FineWeb packages only: SMOKE logs are refused there, anywhere inside it. The check
+    runs against a stand-in records/ in tmp_path, so a failing test writes nothing into the project."""
+    assert pk.PROJECT_RECORDS == ROOT / "records"
+    assert not pk.DEFAULT_OUT.resolve().is_relative_to(ROOT)  # the default --out is outside the project
+    monkeypatch.setattr(pk, "PROJECT_RECORDS", tmp_path / "records")
+    for out in (tmp_path / "records", tmp_path / "records" / "sub"):
+        argv = [str(p) for p in logs(tmp_path)] + [
+            "--name", "n", "--author", "a", "--github-id", "g", "--track", "track_10min_16mb", "--baseline-bpb",
+            "0.65", "--out", str(out), "--requirements", str(ROOT / "requirements.txt"), "--train-script", str(SCRIPT)]
+        assert pk.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "inside the project's records/" in err and "these logs are SMOKE=1 runs: " in err and "pass --out elsewhere" in err
+    assert not (tmp_path / "records").exists()
+    assert pk.parse_args(argv[:3] + argv[3:13]).out == pk.DEFAULT_OUT  # without --out
 
 
 def test_existing_folder_and_config_mismatch_refused(tmp_path, capsys):
@@ -237,7 +303,8 @@ def test_launch_env_against_script_defaults():
 
 def test_run_parsing_and_times(tmp_path):
     run = Run(FIXTURES[0])
-    assert run.steps[0][0] == 1 and [v[0] for v in run.vals] == [100, 200]
+    assert run.steps[0][0] == 1 and [v[0] for v in run.vals] == [50, 100, 150, 200, 250, 300]
+    assert len(run.steps) > 50  # SMOKE logs every 5 steps: enough points for a curve
     assert set(run.evals) == {"prequant", "roundtrip", "sliding", "ttt"}
     assert run.evals["ttt"][1] == pytest.approx(run.summary["val_bpb_ttt"], abs=1e-4)
     step_ms = {s: ms for s, _, ms in run.steps}
@@ -251,10 +318,50 @@ def test_run_parsing_and_times(tmp_path):
     assert r.seconds_at(15) == pytest.approx(2.0) and r.seconds_at(30) == pytest.approx(3.0 + 10 * 0.15)
 
 
-def test_plot_runs_cli(tmp_path, capsys):
+def saved_figures(monkeypatch):
+    """The figures plot_runs saves, kept for the test to read (their axes, lines, legends and title)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k))[1])
+    return figures
+
+
+def test_plot_runs_cli(tmp_path, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
     out = tmp_path / "runs.png"
     assert plot_runs.main([str(p) for p in FIXTURES] + ["-o", str(out)]) == 0
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    loss, bpb = figures[-1].axes
+    assert loss.get_yscale() == "log" and bpb.get_yscale() == "log"
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["seed 1", "seed 2", "seed 3"]  # short
+    assert "SMOKE" in figures[-1]._suptitle.get_text()
+    runs = [Run(p) for p in FIXTURES]
+    raw, smooth = loss.lines[:2]  # run 1: each logged step, then the moving average, both at the same times
+    assert list(raw.get_ydata()) == [l for _, l, _ in runs[0].steps] and len(smooth.get_ydata()) == len(runs[0].steps)
+    assert bpb.lines[0].get_linestyle() == "-" and list(bpb.lines[0].get_ydata()) == [b for *_, b in runs[0].vals]
+
+    assert plot_runs.main([str(FIXTURES[0]), str(FIXTURES[1]), "-o", str(out), "--label", "hybrid", "--label",
+                           "attention", "--title", "A vs B"]) == 0
+    loss, bpb = figures[-1].axes
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["hybrid", "attention"]
+    assert figures[-1]._suptitle.get_text() == "A vs B"
+    assert "hybrid final" in " ".join(t.get_text() for t in bpb.get_legend().get_texts())
+
     assert plot_runs.main([str(tmp_path / "missing.txt"), "-o", str(tmp_path / "m.png")]) == 2
+    assert plot_runs.main([str(FIXTURES[0]), "-o", str(tmp_path / "m.png"), "--label", "a", "--label", "b"]) == 2
+    assert "2 --label for 1 logs" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_smoothing_and_default_labels(tmp_path):
+    from runlog import default_labels, smoothed
+    assert smoothed([1.0, 2.0, 3.0, 10.0, 5.0], 3) == pytest.approx([1.5, 2.0, 5.0, 6.0, 7.5])  # centred, no lag
+    assert smoothed([4.0, 2.0], 1) == [4.0, 2.0]
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"  # the same seed twice: the RUN_IDs tell them apart
+    for path, run_id in ((a, "hyb"), (b, "att")):
+        path.write_text("config " + json.dumps({"SEED": 1, "RUN_ID": run_id}) + "\n")
+    assert default_labels([Run(a), Run(b)]) == ["hyb", "att"]
+    assert default_labels([Run(p) for p in FIXTURES]) == ["seed 1", "seed 2", "seed 3"]

@@ -2,6 +2,7 @@
 device only; the launcher is tested here with a stand-in for the proxy runner, which needs a GPU)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import train_gpt as tg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import proxy_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def summary(val_bpb, **config_overrides):
@@ -86,3 +89,49 @@ def test_side_by_side_refuses_bad_input_before_starting_anything(tmp_path):
         r = side_by_side(tmp_path, *specs, gpus=2)
         assert r.returncode == 2 and message in r.stderr, (specs, r.stderr)
         assert not (tmp_path / "out").exists()
+
+
+# ---- tools/install_gpu.sh: the kernel pins come from requirements.txt ------------------------------
+
+def install_gpu(folder, **env):
+    return subprocess.run(["bash", str(folder / "install_gpu.sh")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PRINT_ONLY="1", **env))
+
+
+def kernel_pins(requirements):
+    return {m[1]: m[0] for m in re.findall(r"^#kernel ((\S+)==\S+)", requirements, re.M)}
+
+
+def test_install_gpu_takes_the_kernel_versions_from_requirements(tmp_path):
+    """In a record folder (install_gpu.sh beside train_gpt.py and requirements.txt) the script installs the
+    pinned versions of requirements.txt's #kernel lines, with their build flags; the plain lines are pip's."""
+    text = (ROOT / "requirements.txt").read_text()
+    pins = kernel_pins(text)
+    assert set(pins) == {"mamba-ssm", "causal-conv1d", "flash_attn_3"}
+    plain = [l.split("#")[0].strip() for l in text.splitlines() if l.strip() and not l.startswith("#")]
+    assert {"torch==2.9.1", "numpy", "sentencepiece", "einops", "packaging"} <= set(plain)
+    (tmp_path / "install_gpu.sh").write_bytes((ROOT / "tools" / "install_gpu.sh").read_bytes())
+    (tmp_path / "train_gpt.py").write_bytes(b"")  # a stand-in: PRINT_ONLY never imports it
+    (tmp_path / "requirements.txt").write_text(text.replace(pins["causal-conv1d"], "causal-conv1d==9.9.9"))
+    r = install_gpu(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python3 -m pip install --no-build-isolation " \
+           f"--no-deps {pins['mamba-ssm']}\n" in r.stdout
+    assert "TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install --no-build-isolation causal-conv1d==9.9.9\n" in r.stdout
+    assert f"--no-deps {pins['flash_attn_3']} --find-links " in r.stdout
+    assert "flash_attn_3" not in install_gpu(tmp_path, SKIP_FA3="1").stdout
+    r = install_gpu(ROOT / "tools")  # from the project: tools/ -> the root's requirements.txt
+    assert r.returncode == 0 and all(spec in r.stdout for spec in pins.values()), r.stderr
+
+
+def test_install_gpu_without_a_pin_stops_before_installing(tmp_path):
+    (tmp_path / "install_gpu.sh").write_bytes((ROOT / "tools" / "install_gpu.sh").read_bytes())
+    (tmp_path / "train_gpt.py").write_bytes(b"")
+    text = (ROOT / "requirements.txt").read_text()
+    (tmp_path / "requirements.txt").write_text("\n".join(l for l in text.splitlines() if "flash_attn_3==" not in l))
+    r = install_gpu(tmp_path)
+    assert r.returncode == 1 and "no '#kernel flash_attn_3==VERSION' line in" in r.stderr
+    assert "+ " not in r.stdout  # nothing was (even pretended to be) installed
+    (tmp_path / "requirements.txt").unlink()
+    r = install_gpu(tmp_path)
+    assert r.returncode == 1 and "no '#kernel mamba-ssm==VERSION' line in" in r.stderr and r.stdout == ""

@@ -84,8 +84,10 @@ def test_smoke_runs_the_whole_pipeline(tmp_path):
                 "eval_seconds", "peak_mem_gib", "config"):
         assert key in s, key
     assert s["val_bpb"] == s["val_bpb_ttt"] and s["val_bpb"] < 0.8 * s["unigram_bpb"], s
-    code = (ROOT / "train_gpt.py").read_bytes()
+    readable = (ROOT / "train_gpt.py").read_bytes()
+    code = tg.packed_source(readable)  # what the challenge counts: the packed file, not the readable source
     assert s["code_bytes"] == len(code) and s["code_sha256"] == __import__("hashlib").sha256(code).hexdigest()
+    assert f"code_bytes:{len(code)} (packed) readable_bytes:{len(readable)} code_sha256:{s['code_sha256']}" in r.stdout
     assert s["artifact_bytes"] == s["code_bytes"] + s["model_bytes"] <= 16_000_000
     assert (tmp_path / "logs" / "pytest_smoke.artifact").stat().st_size == s["model_bytes"]
     assert s["train_seconds"] <= s["config"]["MAX_WALLCLOCK_SECONDS"] + 1.0

@@ -4,33 +4,53 @@
 # warns at startup (REQUIRE_FAST_KERNELS=1 makes that an error). Run from anywhere:
 #   bash tools/install_gpu.sh            # all three
 #   SKIP_FA3=1 bash tools/install_gpu.sh # e.g. without FlashAttention 3 (torch's cuDNN SDPA is then used)
+#   PRINT_ONLY=1 bash tools/install_gpu.sh  # the install commands, with the versions from requirements.txt
 # Ends by printing which implementation each kernel call site will use.
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)  # tools/ in the project, or a record folder beside train_gpt.py
+[ -f "$here/train_gpt.py" ] || here=$(dirname "$here")
+requirements="$here/requirements.txt"
 pip_install="python3 -m pip install --no-build-isolation"
+run() { if [ -n "${PRINT_ONLY:-}" ]; then echo "+ $*"; else "$@"; fi; }  # PRINT_ONLY=1: say, do nothing
+
+# The versions come from requirements.txt's "#kernel NAME==VERSION" lines, where the flags below are noted
+# too; every pin is read before anything is installed, so a missing one stops the script with nothing done.
+pin() {
+  local spec
+  spec=$(awk -v name="$1" '$1 == "#kernel" && index($2, name "==") == 1 {print $2}' "$requirements" 2>/dev/null)
+  if [ -z "$spec" ]; then
+    echo "install_gpu.sh: no '#kernel $1==VERSION' line in $requirements" >&2
+    exit 1
+  fi
+  echo "$spec"
+}
+mamba_ssm=$(pin mamba-ssm)
+causal_conv1d=$(pin causal-conv1d)
+flash_attn_3=$(pin flash_attn_3)
 
 # mamba-ssm: only its Triton SSD kernels are used. MAMBA_SKIP_CUDA_BUILD skips compiling the Mamba-1
 # selective-scan extension (many minutes of nvcc) and MAMBA_FORCE_BUILD keeps setup.py from fetching a
 # prebuilt wheel built against another torch. mamba-ssm 2.3.2.post1's package __init__ imports that
 # missing extension; train_gpt.py imports mamba_ssm.ops.triton.ssd_combined without running the
 # __init__, so nothing in site-packages needs editing. --no-deps: its declared dependencies
-# (transformers, tilelang, quack-kernels, ...) are for parts we do not import; the SSD needs these:
-python3 -m pip install einops packaging
-MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $pip_install --no-deps "mamba-ssm==2.3.2.post1"
+# (transformers, tilelang, quack-kernels, ...) are for parts we do not import; the SSD needs einops and
+# packaging, which requirements.txt lists.
+run python3 -m pip install einops packaging
+run env MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $pip_install --no-deps "$mamba_ssm"
 
 # causal-conv1d: its setup.py downloads the release wheel that matches torch, CUDA and the C++ ABI when
 # one exists; otherwise it compiles, here for Hopper (sm_90) only to keep that short.
 if [ -z "${SKIP_CAUSAL_CONV1D:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} $pip_install "causal-conv1d>=1.5"
+  run env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} $pip_install "$causal_conv1d"
 fi
 
 # FlashAttention 3 (flash_attn_interface): the community wheels the challenge's records install.
 if [ -z "${SKIP_FA3:-}" ]; then
-  python3 -m pip install --no-deps flash_attn_3 \
+  run python3 -m pip install --no-deps "$flash_attn_3" \
     --find-links https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/
 fi
 
-here=$(cd "$(dirname "$0")" && pwd)  # tools/ in the project, or a record folder beside train_gpt.py
-[ -f "$here/train_gpt.py" ] || here=$(dirname "$here")
+[ -n "${PRINT_ONLY:-}" ] && exit 0
 cd "$here"
 python3 - <<'PY'
 import train_gpt as tg
