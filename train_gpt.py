@@ -1258,10 +1258,13 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
 # (interleaved, the CPU study's artifact was 0.8% larger at max-abs steps, 5.5% at QUANT_SIGMAS=12.85)
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
 PART_FILTERS = {"header": LZMA_FILTERS, "values": LZMA_FILTERS, "scales": [dict(LZMA_FILTERS[0], lp=1)],
-                "floats": [dict(LZMA_FILTERS[0], lp=2)]}
-PART_WIDTH = {"header": 1, "values": 1, "scales": 2, "floats": 4}  # bytes per element
-ARTIFACT_MAGIC = b"PGQ2"
+                "floats": [dict(LZMA_FILTERS[0], lp=1)]}
+PART_WIDTH = {"header": 1, "values": 1, "scales": 2, "floats": 2}  # bytes per element
+ARTIFACT_MAGIC = b"PGQ3"
 CODECS = ("xz", "brotli", "brotli-shuffled")  # shuffled: byte k of every element together (fields compress apart)
+# parts are coded in 4 MiB chunks, all at once in threads: brotli's quality 11 took 230 s on the record stack's
+# 32 MB of values in one piece; chunks of near-iid values compress as well (-0.01% on t-distributed test data)
+CHUNK_BYTES = 2**22
 
 
 def byte_shuffle(data, width, inverse=False):
@@ -1271,9 +1274,8 @@ def byte_shuffle(data, width, inverse=False):
     return (a.reshape(width, -1).T if inverse else a.reshape(-1, width).T).tobytes()
 
 
-def compress_part(data, part):
-    """(codec index, payload): the smallest of xz and, where the brotli module imports, brotli on the plain
-    and on the byte-shuffled part. The candidates run in threads (both libraries release the GIL)."""
+def codec_jobs(data, part):
+    """{codec index: a function compressing data}: xz, and brotli plain and byte-shuffled where it imports."""
     jobs = {0: lambda: lzma.compress(data, format=lzma.FORMAT_XZ, filters=PART_FILTERS[part])}
     try:
         import brotli
@@ -1282,10 +1284,7 @@ def compress_part(data, part):
             jobs[2] = lambda: brotli.compress(byte_shuffle(data, PART_WIDTH[part]), quality=11, lgwin=24)
     except ImportError:
         pass
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = {c: pool.submit(job) for c, job in jobs.items()}
-        return min(((c, r.result()) for c, r in results.items()), key=lambda cr: len(cr[1]))
+    return jobs
 
 
 def decompress_part(codec, payload, part):
@@ -1299,29 +1298,38 @@ def decompress_part(codec, payload, part):
 
 
 def serialize(quantized):
-    """The artifact: magic, the SHA-256 of the rest, then four parts, each ( codec byte | uint32 length |
-    payload ): the JSON header, the integer values (one byte each), the fp16 row scales, the fp32 tensors,
-    the last three in the header's tensor order. Each part has the codec that made it smallest."""
+    """The artifact: magic, the SHA-256 of the rest, then four parts, each ( uint32 chunk count | per chunk:
+    codec byte | uint32 length | payload ): the JSON header, the integer values (one byte each), the fp16 row
+    scales, the fp16 tensors, the last three in the header's tensor order. Each chunk has the codec that made
+    it smallest."""
     entries, parts = [], {"values": [], "scales": [], "floats": []}
     for name, (kind, q, s) in quantized.items():
         entries.append(dict(name=name, kind=kind, shape=list(q.shape)))
-        if kind == "float":
-            parts["floats"].append(q.numpy().astype("<f4").tobytes())
+        if kind == "float":  # gains, mixes and SSM controls: fp16 is their precision in the record's artifact too
+            parts["floats"].append(q.numpy().astype("<f2").tobytes())
         else:
             # one byte per int6 value: the compressors code the peaked value distribution better than 6-bit
             # packing (measured 0.505 vs 0.574 bytes per value on Gaussian-like weights)
             parts["values"].append(q.numpy().astype(np.int8).tobytes())
             parts["scales"].append(s.numpy().astype("<f2").tobytes())
     data = {"header": json.dumps(entries).encode(), **{k: b"".join(v) for k, v in parts.items()}}
-    body = b""
-    for part, raw in data.items():
-        codec, payload = compress_part(raw, part)
-        body += bytes([codec]) + len(payload).to_bytes(4, "little") + payload
+    chunks = {part: [raw[i:i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)] or [b""]
+              for part, raw in data.items()}
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # both libraries release the GIL
+        futures = {part: [{c: pool.submit(job) for c, job in codec_jobs(chunk, part).items()} for chunk in cs]
+                   for part, cs in chunks.items()}
+        body = b""
+        for part, per_chunk in futures.items():
+            body += len(per_chunk).to_bytes(4, "little")
+            for candidates in per_chunk:
+                codec, payload = min(((c, f.result()) for c, f in candidates.items()), key=lambda cp: len(cp[1]))
+                body += bytes([codec]) + len(payload).to_bytes(4, "little") + payload
     return ARTIFACT_MAGIC + hashlib.sha256(body).digest() + body
 
 
 def artifact_parts(blob):
-    """{part: (codec index, payload)} of an artifact, after checking its magic, checksum and layout."""
+    """{part: [(codec index, payload) per chunk]} of an artifact, after checking its magic and checksum."""
     if blob[:4] != ARTIFACT_MAGIC:
         raise ValueError(f"not an artifact of this train_gpt.py: it starts {blob[:4]!r}, not {ARTIFACT_MAGIC!r}")
     body = blob[36:]
@@ -1329,19 +1337,23 @@ def artifact_parts(blob):
         raise ValueError(f"the artifact ({len(blob):,} bytes) fails its SHA-256 check: truncated or corrupted")
     parts, pos = {}, 0
     for part in PART_WIDTH:
-        codec, size = body[pos], int.from_bytes(body[pos + 1:pos + 5], "little")
-        parts[part] = (codec, body[pos + 5:pos + 5 + size])
-        pos += 5 + size
+        count, pos = int.from_bytes(body[pos:pos + 4], "little"), pos + 4
+        parts[part] = []
+        for _ in range(count):
+            codec, size = body[pos], int.from_bytes(body[pos + 1:pos + 5], "little")
+            parts[part].append((codec, body[pos + 5:pos + 5 + size]))
+            pos += 5 + size
     return parts
 
 
 def deserialize(blob):
     """Artifact bytes -> state dict of float tensors (dequantized)."""
-    raw = {part: decompress_part(codec, payload, part) for part, (codec, payload) in artifact_parts(blob).items()}
+    raw = {part: b"".join(decompress_part(c, payload, part) for c, payload in chunks)
+           for part, chunks in artifact_parts(blob).items()}
     entries = json.loads(raw["header"])
     ints = [e for e in entries if e["kind"] != "float"]
     sizes = {"values": sum(math.prod(e["shape"]) for e in ints), "scales": sum(2 * e["shape"][0] for e in ints),
-             "floats": 4 * sum(math.prod(e["shape"]) for e in entries if e["kind"] == "float")}
+             "floats": 2 * sum(math.prod(e["shape"]) for e in entries if e["kind"] == "float")}
     for part, size in sizes.items():
         if len(raw[part]) != size:
             raise ValueError(f"artifact {part}: {len(raw[part]):,} bytes where its header describes {size:,}")
@@ -1355,7 +1367,7 @@ def deserialize(blob):
     for e in entries:
         shape, numel = e["shape"], math.prod(e["shape"])
         if e["kind"] == "float":
-            state[e["name"]] = take("floats", 4 * numel, "<f4").view(shape)
+            state[e["name"]] = take("floats", 2 * numel, "<f2").float().view(shape)
         else:
             q = take("values", numel, np.int8).view(shape).float()
             state[e["name"]] = q * take("scales", 2 * shape[0], "<f2").float()[:, None]
@@ -1370,7 +1382,7 @@ def entropy_bytes(q):
 
 
 def estimated_bytes(quantized):
-    return sum(4 * q.numel() if kind == "float" else entropy_bytes(q) + 2 * q.size(0)
+    return sum(2 * q.numel() if kind == "float" else entropy_bytes(q) + 2 * q.size(0)
                for kind, q, s in quantized.values())
 
 
@@ -1384,7 +1396,7 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
     entropy, scaled to what LZMA achieved). Still over at QUANT_MIN_BITS: a loud stop. (Zeroing +-1 weights
     instead was measured far worse: +33% to +215% Hessian-weighted error where lowering cost +7-8%.)"""
     t0 = time.time()
-    raw_mb = sum(q.numel() * (4 if kind == "float" else 1) for kind, q, _ in quantized.values()) / 1e6
+    raw_mb = sum(q.numel() * (2 if kind == "float" else 1) for kind, q, _ in quantized.values()) / 1e6
     log(f"export: compressing {raw_mb:.1f} MB (xz and brotli each part; minutes at brotli's quality 11)")
     blob = serialize(quantized)
     log(f"export: {len(blob):,} model bytes in {time.time() - t0:.0f}s")
@@ -1665,15 +1677,17 @@ def describe(hp, model, log, code_bytes):
     int8 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int8")
     flt = report["total"] - int6 - int8
     cap = int(hp.target_mb * 1e6)
+    rows = sum(p.size(0) for n, p in model.named_parameters() if quant_kind(n, p) in ("int6", "int8"))
     # bits a value after compression. Max-abs grids (a step of about 3.3 stds / qmax): a Gaussian row's entropy
     # on its grid, 2.05 - log2(step / std), plus 0.2 for heavier tails (0.738 bytes a parameter for the 7-layer
-    # hybrid, where 0.735 and 0.736 were measured on the proxy). Std-based grids (QUANT_SIGMAS): the entropy
-    # alone: the public record's 35.9M parameters at 12.85 / 20 stds took about 15.99 MB with brotli, this rule's
-    # 15.9 MB. Trained weights vary, so a guide
+    # hybrid, where 0.735 and 0.736 were measured on the proxy). Std-based grids (QUANT_SIGMAS): 2.10 - log2(step
+    # / std): the record stack's pure-attention proxy run had about 15.87 MB of values before fitting (16,028,196
+    # model bytes with fp32 floats; 15,743,127 after one matrix went to int5), this rule 15.87 MB.
+    # Row scales about a byte each after compression, the float tensors fp16. Trained weights vary: a guide
     def value_bytes(qmax, sigmas):
-        return (2.05 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
+        return (2.10 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
     expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
-                   + 4 * flt + code_bytes)
+                   + rows + 2 * flt + code_bytes)
     log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "
         f"(cap {cap:,})")
     if expected > cap:
@@ -1716,7 +1730,8 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     if ctx.distributed:
         dist.barrier()
     total = len(blob) + code_bytes
-    parts = " ".join(f"{part}:{CODECS[c]}:{len(payload):,}" for part, (c, payload) in artifact_parts(blob).items())
+    parts = " ".join(f"{part}:{'+'.join(sorted({CODECS[c] for c, _ in chunks}))}:{sum(len(p) for _, p in chunks):,}"
+                     for part, chunks in artifact_parts(blob).items())
     log(f"artifact: {path} model_bytes:{total - code_bytes} code_bytes:{code_bytes} total:{total} (cap {cap}) "
         f"in {time.time() - t0:.1f}s; parts {parts}")
     return path, total

@@ -448,16 +448,17 @@ def test_ranks_agree_on_which_matrices_get_gptq(tmp_path):
 
 def decoded_parts(blob):
     """{part: its decompressed bytes}, read back through the artifact's own layout."""
-    return {part: tg.decompress_part(c, payload, part) for part, (c, payload) in tg.artifact_parts(blob).items()}
+    return {part: b"".join(tg.decompress_part(c, payload, part) for c, payload in chunks)
+            for part, chunks in tg.artifact_parts(blob).items()}
 
 
 def test_artifact_format_is_four_checksummed_parts(quantized, blob):
-    """Magic, SHA-256 of the rest, then the header, the integer values, the fp16 scales and the fp32 tensors,
-    each ( codec byte | uint32 length | payload )."""
+    """Magic, SHA-256 of the rest, then the header, the integer values, the fp16 scales and the fp16 tensors,
+    each ( uint32 chunk count | per chunk: codec byte | uint32 length | payload )."""
     assert blob[:4] == tg.ARTIFACT_MAGIC and hashlib.sha256(blob[36:]).digest() == blob[4:36]
     parts = tg.artifact_parts(blob)
     assert list(parts) == ["header", "values", "scales", "floats"]
-    assert 36 + sum(5 + len(p) for _, p in parts.values()) == len(blob)
+    assert 36 + sum(4 + sum(5 + len(p) for _, p in chunks) for chunks in parts.values()) == len(blob)
     raw = decoded_parts(blob)
     entries = json.loads(raw["header"].decode("utf-8"))
     assert [e["name"] for e in entries] == list(quantized)
@@ -467,20 +468,33 @@ def test_artifact_format_is_four_checksummed_parts(quantized, blob):
     ints = [quantized[e["name"]] for e in entries if e["kind"] != "float"]
     assert raw["values"] == b"".join(q.numpy().astype(np.int8).tobytes() for _, q, _ in ints)
     assert raw["scales"] == b"".join(s.numpy().astype("<f2").tobytes() for _, _, s in ints)
-    assert raw["floats"] == b"".join(q.numpy().astype("<f4").tobytes() for k, q, _ in quantized.values() if k == "float")
+    assert raw["floats"] == b"".join(q.numpy().astype("<f2").tobytes() for k, q, _ in quantized.values() if k == "float")
     assert b"\x80\x02" not in raw["header"] and b"torch" not in raw["header"]  # no pickled object anywhere
 
 
 def test_each_part_gets_the_smallest_codec(blob):
-    """Every part is coded by whichever of xz, brotli and byte-shuffled brotli measured smallest."""
+    """Every chunk is coded by whichever of xz, brotli and byte-shuffled brotli measured smallest."""
     import brotli
-    for part, (codec, payload) in tg.artifact_parts(blob).items():
-        raw = tg.decompress_part(codec, payload, part)
-        candidates = [len(lzma.compress(raw, format=lzma.FORMAT_XZ, filters=tg.PART_FILTERS[part])),
-                      len(brotli.compress(raw, quality=11, lgwin=24))]
-        if tg.PART_WIDTH[part] > 1:
-            candidates.append(len(brotli.compress(tg.byte_shuffle(raw, tg.PART_WIDTH[part]), quality=11, lgwin=24)))
-        assert len(payload) == min(candidates), part
+    for part, chunks in tg.artifact_parts(blob).items():
+        for codec, payload in chunks:
+            raw = tg.decompress_part(codec, payload, part)
+            assert len(raw) <= tg.CHUNK_BYTES
+            candidates = [len(lzma.compress(raw, format=lzma.FORMAT_XZ, filters=tg.PART_FILTERS[part])),
+                          len(brotli.compress(raw, quality=11, lgwin=24))]
+            if tg.PART_WIDTH[part] > 1:
+                candidates.append(len(brotli.compress(tg.byte_shuffle(raw, tg.PART_WIDTH[part]), quality=11, lgwin=24)))
+            assert len(payload) == min(candidates), part
+
+
+def test_large_parts_are_cut_into_chunks_and_joined_back(quantized, monkeypatch):
+    monkeypatch.setattr(tg, "CHUNK_BYTES", 4096)
+    small = tg.serialize(quantized)
+    parts = tg.artifact_parts(small)
+    values = decoded_parts(small)["values"]
+    assert len(parts["values"]) == -(-len(values) // 4096) > 1
+    monkeypatch.undo()
+    assert tg.deserialize(small).keys() == quantized.keys()
+    assert all(torch.equal(a, b) for a, b in zip(tg.deserialize(small).values(), tg.deserialize(tg.serialize(quantized)).values()))
 
 
 def test_byte_shuffle_is_undone_exactly():
@@ -495,11 +509,11 @@ def test_without_brotli_the_artifact_is_all_xz_and_a_brotli_one_says_what_to_ins
     content = decoded_parts(blob)
     monkeypatch.setitem(sys.modules, "brotli", None)  # import brotli now raises ImportError
     plain = tg.serialize(quantized)
-    assert all(c == 0 for c, _ in tg.artifact_parts(plain).values())
+    assert all(c == 0 for chunks in tg.artifact_parts(plain).values() for c, _ in chunks)
     assert decoded_parts(plain) == content  # the same content, only the coding differs
     state = tg.deserialize(plain)
     assert set(state) == set(quantized)
-    if any(c for c, _ in tg.artifact_parts(blob).values()):
+    if any(c for chunks in tg.artifact_parts(blob).values() for c, _ in chunks):
         with pytest.raises(ValueError, match="pip install brotli"):
             tg.deserialize(blob)
 
@@ -525,8 +539,8 @@ def test_serialize_deserialize_roundtrip(calibrated, quantized, blob, monkeypatc
     for name, t in state.items():
         kind, q, s = quantized[name]
         assert t.shape == ref[name].shape and t.dtype == torch.float32, name
-        if kind == "float":  # bit-exact
-            assert torch.equal(t.view(torch.int32), ref[name].float().contiguous().view(torch.int32)), name
+        if kind == "float":  # exactly the fp16 value
+            assert torch.equal(t, ref[name].half().float()), name
         else:               # exactly the dequantized grid value q * fp16 scale
             assert torch.equal(t, q.float() * s[:, None]), name
 
@@ -570,7 +584,7 @@ def test_deserialize_rejects_bad_bytes(blob):
     parts = decoded_parts(blob)
 
     def body(raws):
-        return b"".join(bytes([0]) + len(p).to_bytes(4, "little") + p for p in
+        return b"".join((1).to_bytes(4, "little") + bytes([0]) + len(p).to_bytes(4, "little") + p for p in
                         (lzma.compress(r, format=lzma.FORMAT_XZ) for r in raws))
     with pytest.raises(ValueError, match="header describes"):  # a part short, the file itself sound
         tg.deserialize(reseal(body([parts["header"], parts["values"][:-7], parts["scales"], parts["floats"]])))
