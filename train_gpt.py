@@ -91,6 +91,9 @@ class Hyperparameters:
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
         self.skip_gates = self._flag("SKIP_GATES", 1)  # 1: U-Net skips mixed in by learned sigmoid gates
+        # 1: each token's embedding takes in the previous token's, gated by its own leading dims, never across a
+        # document start (the later records' SmearGate with its BOS fix); starts as the identity
+        self.smear_gate = self._flag("SMEAR_GATE", 0)
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
         self.mamba_d_state = self._int("MAMBA_D_STATE", 32, 1, 512)
@@ -119,6 +122,9 @@ class Hyperparameters:
         self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
         self.muon_momentum = self._float("MUON_MOMENTUM", 0.99, 0.0, 0.9999)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
+        # Newton-Schulz coefficients: "quintic" (one fixed (a, b, c), the 2026-04-09 record's) or "polar-express"
+        # (per-step coefficients of Amsel et al. 2025, arXiv 2505.16932, as in the later records)
+        self.muon_ns = self._choice("MUON_NS", "quintic", ("quintic", "polar-express"))
         self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: each row of the update to unit norm before orthogonalizing
         self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.92, 0.0, 0.9999)
         self.muon_momentum_warmup_steps = self._int("MUON_MOMENTUM_WARMUP_STEPS", 1500, 0, 10**6)
@@ -187,6 +193,12 @@ class Hyperparameters:
         raw, default = self._raw(name, default)
         self.resolved[name] = raw if raw else default
         return self.resolved[name]
+
+    def _choice(self, name, default, choices):
+        value = self._str(name, default)
+        if value not in choices:
+            self._errors.append(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        return value
 
     def _layers(self, name, default):
         raw, default = self._raw(name, default)
@@ -721,6 +733,10 @@ class HybridGPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim)) if hp.skip_gates else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+        # the smear gate reads the first 12 dims of each token's embedding, as in the records; both start at 0
+        self.smear_w = nn.Parameter(torch.zeros(min(12, hp.model_dim))) if hp.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if hp.smear_gate else None
+        self.bos_id = 1  # the challenge's tokenizers' BOS; main() sets the loaded tokenizer's
         for m in self.modules():  # orthogonal matrices: every direction of the input starts with the same gain
             if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
                 nn.init.orthogonal_(m.weight)
@@ -739,11 +755,22 @@ class HybridGPT(nn.Module):
         n = self.num_encoder
         return {n + j: n - 1 - j for j in range(min(n, len(self.order) - n))}
 
-    def hidden(self, ids):
-        """The final normalized residual stream: what the output head reads."""
+    def embed(self, ids):
+        """Token (+ bigram) embeddings; with SMEAR_GATE, x_t + g_t x_{t-1}, g_t = lambda sigmoid(w . x_t[:12]),
+        zero where token t starts a document (ids == bos_id), so nothing leaks across documents."""
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
+        if self.smear_w is not None:
+            w = self.smear_w.to(x.dtype)
+            g = self.smear_lambda.to(x.dtype) * torch.sigmoid(x[:, 1:, :w.numel()] @ w)[..., None]
+            keep = (ids[:, 1:] != self.bos_id).to(x.dtype)[..., None]
+            x = torch.cat([x[:, :1], x[:, 1:] + g * keep * x[:, :-1]], dim=1)
+        return x
+
+    def hidden(self, ids):
+        """The final normalized residual stream: what the output head reads."""
+        x = self.embed(ids)
         x = x0 = F.rms_norm(x, (x.size(-1),))
         skips, skip_map = [], self.skip_map()
         for i, layer in enumerate(self.order):
@@ -781,7 +808,8 @@ def parameter_report(model):
             kind = "mamba" if model.is_mamba[i] else "attention"
             part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
         else:
-            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head"}.get(name.split(".")[0], "skips")
+            part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head", "smear_w": "block_scalars",
+                    "smear_lambda": "block_scalars"}.get(name.split(".")[0], "skips")
         parts[part] = parts.get(part, 0) + p.numel()
     parts["total"] = sum(p.numel() for p in model.parameters())
     return parts
@@ -790,16 +818,30 @@ def parameter_report(model):
 # OPTIMIZERS: Muon for every 2-D matrix (attention, MLP, Mamba projections), Adam for the rest
 # ----------------------------------------------------------------------------------------------
 
-def newton_schulz_orthogonalize(G, steps, eps=1e-7):
-    """Approximate U V^T of G = U S V^T with a quintic iteration tuned for speed over exactness.
+NS_COEFFS = {
+    "quintic": [(3.4445, -4.7750, 2.0315)],  # one polynomial for every step, tuned for speed over exactness
+    # Polar Express (arXiv 2505.16932): the optimal polynomial for each of 5 steps (safety 2e-2, cushion 2); a
+    # sixth or later step repeats the last
+    "polar-express": [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)],
+}
+
+
+def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
+    """Approximate U V^T of G = U S V^T by `steps` odd polynomials X <- a X + b (X X^T) X + c (X X^T)^2 X.
     G: one matrix or a stack of same-shape matrices (..., m, n), each orthogonalized on its own."""
-    a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    # Polar Express's first polynomial assumes singular values at most 1: the 2% margin keeps them there
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if coeffs == "polar-express" else 1.0) + eps)
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
-    for _ in range(steps):
+    table = NS_COEFFS[coeffs]
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
@@ -810,9 +852,9 @@ class Muon(torch.optim.Optimizer):
     launch per Newton-Schulz op instead of one per matrix); ranks split each batch and share the results
     with one all-reduce, so every rank applies the same update."""
 
-    def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0, row_norm=False):
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0, row_norm=False, ns="quintic"):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
-                                      row_norm=row_norm))
+                                      row_norm=row_norm, ns=ns))
 
     @torch.no_grad()
     def step(self):
@@ -838,7 +880,7 @@ class Muon(torch.optim.Optimizer):
                     g = torch.stack(nesterov)
                     if group["row_norm"]:  # every output unit's row gets an equal say in the orthogonalization
                         g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
-                    g = newton_schulz_orthogonalize(g, group["backend_steps"])
+                    g = newton_schulz_orthogonalize(g, group["backend_steps"], coeffs=group["ns"])
                     flat[offset:offset + size] = (g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5).reshape(-1)
                 offset += size
             if distributed:
@@ -883,7 +925,7 @@ def build_optimizers(model, hp):
                               fused=next(model.parameters()).is_cuda)]
     if muon_groups:
         opts.append(Muon(muon_groups, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                         weight_decay=hp.muon_wd, row_norm=hp.muon_row_norm))
+                         weight_decay=hp.muon_wd, row_norm=hp.muon_row_norm, ns=hp.muon_ns))
     return opts
 
 # ----------------------------------------------------------------------------------------------
@@ -1820,6 +1862,9 @@ def main():
     configure_kernels(hp, ctx.device, log)
 
     base_model = HybridGPT(hp).to(ctx.device)
+    base_model.bos_id = sp.bos_id()
+    if hp.smear_gate and sp.bos_id() < 0:
+        raise SystemExit(f"SMEAR_GATE=1 masks document starts by the BOS token, but {hp.tokenizer_path} has none")
     report = describe(hp, base_model, log, code_bytes)
     model = compile_model(base_model, hp.compile) if ctx.device.type == "cuda" else base_model
     opts = build_optimizers(base_model, hp)

@@ -95,10 +95,15 @@ def perturbed_model(hp, seed=0):
 
 
 @pytest.mark.parametrize("layers, extra", [("0,2,3", {}), ("", {}), ("0,1,2,3", {}),
-                                           ("0,2", {"ATTN_XSA": 1, "ROPE_DIMS": 8})])
+                                           ("0,2", {"ATTN_XSA": 1, "ROPE_DIMS": 8}), ("0,2", {"SMEAR_GATE": 1})])
 def test_whole_model_is_causal(layers, extra):
     hp = make_hp(MAMBA_LAYERS=layers, MAMBA_CHUNK_SIZE=8, **extra)
     model = perturbed_model(hp).double()
+    model.looping = True
+    if model.smear_w is not None:
+        with torch.no_grad():
+            model.smear_lambda.fill_(1.0)
+            model.smear_w.normal_()
     ids = torch.randint(0, hp.vocab_size, (2, 40))
     base = model.logits(ids)
     for t in (0, 7, 8, 23, 39):
@@ -431,3 +436,28 @@ def test_xsa_removes_each_output_s_own_value_direction():
         attn.xsa = 0
         plain = attn(x).view(2, 10, 4, 8)
     assert float((plain * F.normalize(v, dim=-1)).sum(-1).abs().max()) > 1e-3
+
+
+def test_smear_gate_mixes_in_the_previous_token_except_at_document_starts():
+    """SMEAR_GATE: x_t + lambda sigmoid(w . x_t[:12]) x_{t-1}, and exactly x_t where token t is BOS; the
+    identity at init (lambda = w = 0), so the model starts as the one without it."""
+    hp = make_hp(SMEAR_GATE=1)
+    model = tg.HybridGPT(hp)
+    ids = torch.randint(2, 320, (2, 20), generator=torch.Generator().manual_seed(3))
+    ids[0, 7] = ids[1, 0] = ids[1, 13] = model.bos_id
+    with torch.no_grad():
+        plain = model.tok_emb(ids) + model.bigram(ids)
+        torch.testing.assert_close(model.embed(ids), plain)  # identity at init
+        model.smear_lambda.fill_(0.8)
+        model.smear_w.normal_()
+        out = model.embed(ids)
+        g = 0.8 * torch.sigmoid(plain[:, 1:, :12] @ model.smear_w)[..., None]
+        expected = torch.cat([plain[:, :1], plain[:, 1:] + g * plain[:, :-1]], dim=1)
+        for b, t in ((0, 7), (1, 0), (1, 13)):
+            expected[b, t] = plain[b, t]  # a document start takes nothing from the document before it
+        torch.testing.assert_close(out, expected)
+        assert (out[0, 8] - plain[0, 8]).abs().amax() > 1e-4  # the token after a start does smear
+    loss = model(ids[:, :-1], ids[:, 1:]).mean()
+    loss.backward()
+    assert model.smear_lambda.grad.abs().sum() > 0 and model.smear_w.grad.abs().sum() > 0
+    assert tg.HybridGPT(make_hp()).smear_w is None

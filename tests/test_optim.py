@@ -227,3 +227,25 @@ def test_average_gradients_on_one_rank_fills_missing_with_zeros():
     p.grad = torch.full((3,), 2.0)
     tg.average_gradients([p, q], CPUContext())
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(q.grad, torch.zeros(2))
+
+
+def test_polar_express_orthogonalizes_closer_than_the_quintic():
+    """MUON_NS=polar-express: per-step polynomials (arXiv 2505.16932) leave the singular values nearer 1 than the
+    fixed quintic after the same 5 steps; both keep the singular vectors (U V^T of the SVD)."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(64, 96, generator=g) @ torch.diag(torch.logspace(-2, 0, 96))
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    spread = {}
+    for coeffs in ("quintic", "polar-express"):
+        X = tg.newton_schulz_orthogonalize(G, 5, coeffs=coeffs)
+        s = torch.linalg.svdvals(X)
+        spread[coeffs] = float((s - 1).abs().max())
+        # same singular vectors: U^T X V is diagonal
+        D = U.T @ X @ Vh.T
+        assert float((D - torch.diag(torch.diagonal(D))).abs().max()) < 5e-2 * float(D.abs().max()), coeffs
+    assert spread["polar-express"] < spread["quintic"], spread
+    with pytest.raises(tg.ConfigError, match="MUON_NS='newton': expected one of quintic, polar-express"):
+        make_hp(MUON_NS="newton")
+    hp = make_hp(MUON_NS="polar-express")
+    muon = [o for o in tg.build_optimizers(tg.HybridGPT(hp), hp) if isinstance(o, tg.Muon)][0]
+    assert all(gr["ns"] == "polar-express" for gr in muon.param_groups)
