@@ -1733,7 +1733,8 @@ def describe(hp, model, log, code_bytes):
     log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "
         f"(cap {cap:,})")
     if expected > cap:
-        log(f"WARNING: this configuration will likely not fit TARGET_MB={hp.target_mb}: the export will lower bit widths "
+        log(f"WARNING: this configuration will likely not fit TARGET_MB={hp.target_mb} (about {expected - cap:,} bytes "
+            f"over, {100 * (expected - cap) / cap:.2f}%): the export will lower the cheapest matrices' bit widths "
             f"(to QUANT_MIN_BITS={hp.quant_min_bits}) and stop with an error if that is not enough. Shrink NUM_LAYERS, MODEL_DIM, MLP_MULT, "
             "MAMBA_EXPAND or VOCAB_SIZE, or widen the grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS).")
     return report
