@@ -1761,17 +1761,20 @@ def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
 
 
 def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
-    """The compressed model, fit under TARGET_MB with the code counted, written once by rank 0. Returns
+    """The compressed model, fit under TARGET_MB with the code counted, made and written by rank 0 alone. Returns
     (path, artifact bytes including code). Compression and any lowering of bit widths run on the
     Hessians already collected inside the training clock; their time is reported here, as export."""
     t0, cap = time.time(), int(hp.target_mb * 1e6)
-    blob = fit_to_cap(quantized, model, hessians, cap - code_bytes, hp.quant_min_bits, hp.gptq_clip_search, log=log,
-                      sigmas=hp.quant_sigmas)
-    path = f"logs/{hp.run_id}.artifact"
-    if ctx.is_main:
-        Path(path).write_bytes(blob)
-    if ctx.distributed:
-        dist.barrier()
+    path, failure = f"logs/{hp.run_id}.artifact", None
+    if ctx.is_main:  # one rank compresses: eight ranks at once would share the CPU cores eight ways
+        try:
+            Path(path).write_bytes(fit_to_cap(quantized, model, hessians, cap - code_bytes, hp.quant_min_bits,
+                                              hp.gptq_clip_search, log=log, sigmas=hp.quant_sigmas))
+        except SystemExit as e:
+            failure = e
+    if not rank0_value(failure is None, ctx):  # every rank stops when rank 0's export did
+        raise failure if failure is not None else SystemExit("rank 0 could not fit the artifact under the cap")
+    blob = Path(path).read_bytes()
     total = len(blob) + code_bytes
     parts = " ".join(f"{part}:{'+'.join(sorted({CODECS[c] for c, _ in chunks}))}:{sum(len(p) for _, p in chunks):,}"
                      for part, chunks in artifact_parts(blob).items())
