@@ -287,6 +287,7 @@ class Hyperparameters:
             named["DATA_PATH"] = (int(m[1]), data[:m.start(1)] + str(v))
         wrong = {k: x for k, x in named.items() if x[0] != v}
         if wrong:
+            self._bad.add("VOCAB_SIZE")  # one line for it: not again when the tokenizer's real size is checked
             sizes = sorted({size for size, _ in wrong.values()})
             fixes = [f"VOCAB_SIZE={sizes[0]}"] if len(sizes) == 1 and len(wrong) == len(named) else []
             fixes.append(" with ".join(f"{k}={other}" for k, (_, other) in wrong.items()))
@@ -1996,9 +1997,9 @@ def main():
             atexit.register(shutil.rmtree, smoke_dir, ignore_errors=True)
             try:
                 make_smoke_corpus(smoke_dir, hp.vocab_size)
-            except RuntimeError as e:  # SentencePiece cannot train this VOCAB_SIZE on the smoke text
-                problems = [f"SMOKE=1 with VOCAB_SIZE={hp.vocab_size}: the smoke tokenizer does not train at this "
-                            f"size ({str(e).strip().splitlines()[-1]}): try VOCAB_SIZE={SMOKE_DEFAULTS['VOCAB_SIZE']}"]
+            except RuntimeError:  # SentencePiece cannot train this VOCAB_SIZE on the smoke text
+                problems = [f"SMOKE=1 with VOCAB_SIZE={hp.vocab_size}: SentencePiece cannot make the smoke tokenizer "
+                            f"at this size: try VOCAB_SIZE={SMOKE_DEFAULTS['VOCAB_SIZE']}"]
         if ctx.distributed:
             dist.broadcast_object_list(obj := [smoke_dir, problems])
             smoke_dir, problems = obj
@@ -2022,6 +2023,8 @@ def main():
                           "made with, and its VOCAB_SIZE"], not ctx.is_main)
     log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
         f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} {code_line} code_sha256:{code_sha256}")
+    if ctx.device.type == "cpu" and not hp.smoke:
+        log("WARNING: ALLOW_CPU=1: training on the CPU, at the memory and speed of a CPU")
     configure_kernels(hp, ctx.device, log)
 
     base_model = HybridGPT(hp).to(ctx.device)
