@@ -68,8 +68,8 @@ class Hyperparameters:
         self.compile = self._int("COMPILE", 1, 0, 2)  # on CUDA: 0 eager, 1 whole model, 2 each block
         self.fast_kernels = self._flag("FAST_KERNELS", 1)  # 0: PyTorch fallbacks even where the GPU libraries import
         self.require_fast_kernels = self._flag("REQUIRE_FAST_KERNELS", 0)  # 1: a missing kernel is an error
-        # 1: train on a machine without CUDA anyway; else only SMOKE and DRY_RUN run there (the default run on a
-        # CPU was OOM-killed after 106 s without a word)
+        # 1: train on a machine without CUDA anyway; else only SMOKE and DRY_RUN run there (issue 16: the default
+        # run on a CPU was OOM-killed after 106 s without a word)
         self.allow_cpu = self._flag("ALLOW_CPU", 0)
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
@@ -218,9 +218,6 @@ class Hyperparameters:
 
     def _user_set(self, name):
         return self._env.get(name) is not None
-
-    def _valid(self, *names):
-        return not self._bad.intersection(names)
 
     def _fit_layer_defaults(self):
         """Defaults that name layers are for the default depth: with another NUM_LAYERS, a default (never a
@@ -377,8 +374,8 @@ class Hyperparameters:
         return problems
 
     def machine_problems(self, cuda):
-        """A run sized for GPUs on a machine without CUDA stops here: the default configuration on a CPU took
-        24 GB and was killed by the kernel after 106 s, without a word."""
+        """A run sized for GPUs on a machine without CUDA stops here (issue 16: the default configuration on a CPU
+        took 24 GB and was killed by the kernel after 106 s, without a word)."""
         if cuda or not self.is_valid("SMOKE", "DRY_RUN", "ALLOW_CPU") or self.smoke or self.dry_run or self.allow_cpu:
             return []
         return ["no CUDA GPU on this machine, and this run is sized for GPUs: SMOKE=1 runs the whole pipeline small "
