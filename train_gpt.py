@@ -9,7 +9,7 @@ GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
 """
 from __future__ import annotations
 
-import contextlib, copy, glob, hashlib, heapq, importlib.util, json, lzma, math, os, random, sys, tempfile, time, uuid
+import atexit, contextlib, copy, glob, hashlib, heapq, importlib.util, json, lzma, math, os, random, re, shutil, sys, tempfile, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,11 @@ from torch import Tensor, nn
 
 class ConfigError(ValueError):
     pass
+
+
+# the challenge's tokenizers are named for their vocabulary: a VOCAB_SIZE that disagrees is caught from the name
+TOKENIZER_NAME = re.compile(r"(?:^|/)fineweb_(\d+)_bpe\.model$")
+DATA_PATH_NAME = re.compile(r"(?:^|/)fineweb\w*_sp(\d+)$")
 
 
 DOWNLOAD_HINT = ("MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py "
@@ -48,9 +53,10 @@ RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC, the warmdown's fraction of training
 
 
 class Hyperparameters:
-    def __init__(self, environ=None):
+    def __init__(self, environ=None, raise_errors=True):
         self._env = dict(os.environ if environ is None else environ)
         self._errors, self.resolved, self.smoke, self.notes = [], {}, False, []
+        self._bad, self._ranges, self._defaults = set(), {}, {}  # _bad: knobs whose own value is wrong
         self.smoke = self._flag("SMOKE", 0)
         self.dry_run = self._flag("DRY_RUN", 0)
         # data and run
@@ -62,6 +68,9 @@ class Hyperparameters:
         self.compile = self._int("COMPILE", 1, 0, 2)  # on CUDA: 0 eager, 1 whole model, 2 each block
         self.fast_kernels = self._flag("FAST_KERNELS", 1)  # 0: PyTorch fallbacks even where the GPU libraries import
         self.require_fast_kernels = self._flag("REQUIRE_FAST_KERNELS", 0)  # 1: a missing kernel is an error
+        # 1: train on a machine without CUDA anyway; else only SMOKE and DRY_RUN run there (issue 16: the default
+        # run on a CPU was OOM-killed after 106 s without a word)
+        self.allow_cpu = self._flag("ALLOW_CPU", 0)
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
         # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training, measured by the wall
@@ -158,8 +167,12 @@ class Hyperparameters:
         self.ttt_momentum = self._float("TTT_MOMENTUM", 0.9, 0.0, 0.9999)
         self._errors += [f"{name} is retired: use {instead}" for name, instead in RETIRED.items() if name in self._env]
         self._cross_checks()
-        if self._errors:
+        if self._errors and raise_errors:
             raise ConfigError("bad settings:\n  " + "\n  ".join(self._errors))
+
+    def problems(self):
+        """The settings' problems, one line each (with raise_errors=False they are kept here, not raised)."""
+        return list(self._errors)
 
     def _raw(self, name, default):
         if self.smoke and name in SMOKE_DEFAULTS:
@@ -169,14 +182,17 @@ class Hyperparameters:
     def _num(self, name, default, lo, hi, cast, what):
         raw, default = self._raw(name, default)
         value = default
+        self._ranges[name], self._defaults[name] = (lo, hi), default
         if raw is not None and raw.strip() != "":
             try:
                 value = cast(raw)
             except ValueError:
-                self._errors.append(f"{name}={raw!r}: expected {what} in [{lo}, {hi}]")
+                self._bad.add(name)
+                self._errors.append(f"{name}={raw!r}: expected {what} in [{lo}, {hi}] (default {default})")
                 return default
         if not (lo <= value <= hi) or (cast is float and not math.isfinite(value)):
-            self._errors.append(f"{name}={value}: expected {what} in [{lo}, {hi}]")
+            self._bad.add(name)
+            self._errors.append(f"{name}={value}: expected {what} in [{lo}, {hi}] (default {default})")
         self.resolved[name] = value
         return value
 
@@ -206,6 +222,7 @@ class Hyperparameters:
         try:
             layers = sorted({int(t) for t in text.replace(" ", "").split(",") if t})
         except ValueError:
+            self._bad.add(name)
             self._errors.append(f"{name}={text!r}: expected comma-separated layer indices, e.g. 0,1,2")
             layers = []
         self.resolved[name] = ",".join(map(str, layers))
@@ -230,56 +247,160 @@ class Hyperparameters:
             self.parallel_from = self.resolved["PARALLEL_FROM"] = 0
 
     def _cross_checks(self):
+        """Checks between knobs, each only where the knobs it reads are valid on their own (NUM_LAYERS=0 is
+        one problem, not also every layer index past it); each message names a value that works."""
         e = self._errors.append
-        self._fit_layer_defaults()
-        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
-            e(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size")
-        if self.num_heads % self.num_kv_heads:
-            e(f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
+        n = self.num_layers
+        if self.is_valid("NUM_LAYERS"):
+            self._fit_layer_defaults()
+        self._shape_checks()
         for name, layers in (("MAMBA_LAYERS", self.mamba_layers), ("RECUR_LAYERS", self.recur_layers)):
-            bad = [i for i in layers if not 0 <= i < self.num_layers]
-            if bad:
-                e(f"{name} has {bad}: expected indices in [0, {self.num_layers - 1}] (NUM_LAYERS={self.num_layers})")
-        if self.recur_layers and self.recur_layers != list(range(self.recur_layers[0], self.recur_layers[-1] + 1)):
-            e(f"RECUR_LAYERS={self.resolved['RECUR_LAYERS']}: expected consecutive layers, e.g. 3,4")
-        if self.parallel_from >= self.num_layers:
-            e(f"PARALLEL_FROM={self.parallel_from} must be a block index in [1, {self.num_layers - 1}] "
-              f"(NUM_LAYERS={self.num_layers}), or 0 (off)")
-        d_inner = self.mamba_d_inner
-        if d_inner % self.mamba_headdim:
-            e(f"MAMBA_EXPAND*MODEL_DIM={d_inner} must be a multiple of MAMBA_HEADDIM={self.mamba_headdim}")
-        elif (d_inner // self.mamba_headdim) % self.mamba_ngroups:
-            e(f"Mamba heads ({d_inner // self.mamba_headdim}) must be a multiple of MAMBA_NGROUPS={self.mamba_ngroups}")
-        if self.eval_stride > self.train_seq_len:
-            e(f"EVAL_STRIDE={self.eval_stride} must be at most TRAIN_SEQ_LEN={self.train_seq_len}")
-        head_dim = self.model_dim // max(self.num_heads, 1)
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            e(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim ({head_dim}); 0 rotates all")
-        if 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
-            e(f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} leaves no training time after "
-              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds:g}: set it above the reserve, or 0 for no cap")
+            bad = [i for i in layers if not 0 <= i < n]
+            if bad and self.is_valid("NUM_LAYERS", name):
+                fixes = [f"{name}={','.join(str(i) for i in layers if 0 <= i < n)}"]
+                fixes += [f"NUM_LAYERS={max(bad) + 1}"] if n <= max(bad) < self._ranges["NUM_LAYERS"][1] else []
+                e(f"{name} has {bad}: expected indices in [0, {n - 1}] (NUM_LAYERS={n}): try {' or '.join(fixes)}")
+        recur = self.recur_layers
+        if recur and recur != list(range(recur[0], recur[-1] + 1)):
+            e(f"RECUR_LAYERS={self.resolved['RECUR_LAYERS']}: expected consecutive layers: try "
+              f"RECUR_LAYERS={','.join(map(str, range(recur[0], recur[-1] + 1)))}")
+        if self.is_valid("NUM_LAYERS", "PARALLEL_FROM") and self.parallel_from >= n:
+            e(f"PARALLEL_FROM={self.parallel_from} must be a block index in [1, {n - 1}] (NUM_LAYERS={n}), or 0 (off)")
+        if self.is_valid("EVAL_STRIDE", "TRAIN_SEQ_LEN") and self.eval_stride > self.train_seq_len:
+            e(f"EVAL_STRIDE={self.eval_stride} must be at most TRAIN_SEQ_LEN={self.train_seq_len}: try "
+              f"EVAL_STRIDE={min(64, self.train_seq_len)}")
+        cap, reserve = self.max_wallclock_seconds, self.gptq_reserve_seconds
+        if self.is_valid("MAX_WALLCLOCK_SECONDS", "GPTQ_RESERVE_SECONDS") and 0 < cap <= reserve:
+            # a cap at or below the reserve would leave a training budget of 0, which the loop reads as no cap
+            if self._user_set("GPTQ_RESERVE_SECONDS") and not self._user_set("MAX_WALLCLOCK_SECONDS"):
+                fix = f"GPTQ_RESERVE_SECONDS={min(self._defaults['GPTQ_RESERVE_SECONDS'], cap / 2):g}"
+            else:
+                fix = f"MAX_WALLCLOCK_SECONDS={max(self._defaults['MAX_WALLCLOCK_SECONDS'], 2 * reserve):g}, or 0 for no cap"
+            e(f"MAX_WALLCLOCK_SECONDS={cap:g} leaves no training time after GPTQ_RESERVE_SECONDS={reserve:g}: try {fix}")
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
-        if self.ttt_enabled and self.eval_stride == 0:
-            e("TTT_ENABLED=1 scores through sliding windows: set EVAL_STRIDE > 0")
+        if self.is_valid("TTT_ENABLED", "EVAL_STRIDE") and self.ttt_enabled and self.eval_stride == 0:
+            e("TTT_ENABLED=1 scores through sliding windows: set EVAL_STRIDE > 0 (e.g. 64), or TTT_ENABLED=0")
+        if not self.smoke and self.is_valid("VOCAB_SIZE"):  # SMOKE makes its own tokenizer and data
+            self._vocab_name_checks()
+
+    def _vocab_name_checks(self):
+        """The challenge's files are named for their vocabulary (fineweb_8192_bpe.model, fineweb10B_sp8192): a
+        VOCAB_SIZE the names disagree with is caught before anything loads; main() checks the tokenizer's real
+        size once it is loaded."""
+        v, tok, data = self.vocab_size, self.tokenizer_path, self.data_path.rstrip("/")
+        named = {}  # knob -> (the size its name says, the path it would have for VOCAB_SIZE)
+        if m := TOKENIZER_NAME.search(tok):
+            named["TOKENIZER_PATH"] = (int(m[1]), tok[:m.start(1)] + str(v) + tok[m.end(1):])
+        if m := DATA_PATH_NAME.search(data):
+            named["DATA_PATH"] = (int(m[1]), data[:m.start(1)] + str(v))
+        wrong = {k: x for k, x in named.items() if x[0] != v}
+        if wrong:
+            self._bad.add("VOCAB_SIZE")  # one line for it: not again when the tokenizer's real size is checked
+            sizes = sorted({size for size, _ in wrong.values()})
+            fixes = [f"VOCAB_SIZE={sizes[0]}"] if len(sizes) == 1 and len(wrong) == len(named) else []
+            fixes.append(" with ".join(f"{k}={other}" for k, (_, other) in wrong.items()))
+            self._errors.append(f"VOCAB_SIZE={v} but {' and '.join(f'{k}={self.resolved[k]}' for k in wrong)} "
+                                f"{'is' if len(wrong) == 1 else 'are'} named for {'/'.join(map(str, sizes))} "
+                                f"tokens: try {', or '.join(fixes)}")
+
+    def _shape_checks(self):
+        """MODEL_DIM, the head counts and Mamba's shape must divide into each other. A broken rule is blamed on
+        the first of its knobs the user set (a default is not the mistake); each blamed knob gets one line, with
+        its nearest values that pass every rule, the other knobs as they are."""
+        names = ("MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "MAMBA_EXPAND", "MAMBA_HEADDIM", "MAMBA_NGROUPS")
+        now = {k: self.resolved[k] for k in names}
+        head_dim = lambda v: v["MODEL_DIM"] // v["NUM_HEADS"]
+        d_inner = lambda v: int(round(v["MAMBA_EXPAND"] * v["MODEL_DIM"]))
+        # (key, knobs in the order they are blamed, holds, says, the rule that must hold before this one means anything)
+        rules = [
+            ("heads", ("MODEL_DIM", "NUM_HEADS"), lambda v: v["MODEL_DIM"] % v["NUM_HEADS"] == 0 and head_dim(v) % 2 == 0,
+             lambda v: f"MODEL_DIM={v['MODEL_DIM']} must split into NUM_HEADS={v['NUM_HEADS']} heads of even size", None),
+            ("kv", ("NUM_KV_HEADS", "NUM_HEADS"), lambda v: v["NUM_HEADS"] % v["NUM_KV_HEADS"] == 0,
+             lambda v: f"NUM_HEADS={v['NUM_HEADS']} must be a multiple of NUM_KV_HEADS={v['NUM_KV_HEADS']}", None),
+            ("rope", ("ROPE_DIMS", "MODEL_DIM", "NUM_HEADS"), lambda v: v["ROPE_DIMS"] % 2 == 0 and v["ROPE_DIMS"] <= head_dim(v),
+             lambda v: f"ROPE_DIMS={v['ROPE_DIMS']} must be even and at most the head dim ({head_dim(v)}), 0 rotates all",
+             "heads")]
+        if self.mamba_layers:  # without a Mamba layer its shape is never built
+            rules += [
+                ("mamba", ("MAMBA_HEADDIM", "MAMBA_EXPAND", "MODEL_DIM"), lambda v: d_inner(v) % v["MAMBA_HEADDIM"] == 0,
+                 lambda v: f"MAMBA_EXPAND*MODEL_DIM={d_inner(v)} must be a multiple of MAMBA_HEADDIM={v['MAMBA_HEADDIM']}",
+                 None),
+                ("groups", ("MAMBA_NGROUPS", "MAMBA_HEADDIM", "MAMBA_EXPAND", "MODEL_DIM"),
+                 lambda v: (d_inner(v) // v["MAMBA_HEADDIM"]) % v["MAMBA_NGROUPS"] == 0,
+                 lambda v: f"Mamba heads ({d_inner(v) // v['MAMBA_HEADDIM']}) must be a multiple of "
+                           f"MAMBA_NGROUPS={v['MAMBA_NGROUPS']}", "mamba")]
+        rules = [r for r in rules if self.is_valid(*r[1])]
+
+        def verdicts(v):  # key -> True / False, or None where the rule before it failed
+            out = {}
+            for key, _, holds, _, after in rules:
+                out[key] = None if after is not None and out.get(after) is not True else holds(v)
+            return out
+        blamed = {}
+        for key, knobs, _, says, _ in rules:
+            if verdicts(now)[key] is False:
+                blamed.setdefault(next((k for k in knobs if self._user_set(k)), knobs[0]), []).append(says(now))
+        for name, said in blamed.items():
+            fits = self._nearest(name, now, lambda v: False not in verdicts(v).values())
+            lo, hi = self._ranges[name]
+            fix = f"try {name}={' or '.join(f'{x:g}' for x in fits)}" if fits else f"no {name} in [{lo}, {hi}] fits the others"
+            self._errors.append("; ".join(said) + f": {fix}")
+
+    def _nearest(self, name, values, ok):
+        """The nearest values of knob `name` below and above its current one (nearest first) that pass ok."""
+        lo, hi = self._ranges[name]
+        now = values[name]
+        if name == "MAMBA_EXPAND":  # a float: the expansions that give whole Mamba heads
+            step = values["MAMBA_HEADDIM"] / values["MODEL_DIM"]
+            candidates = [round(k * step, 4) for k in range(1, int(hi / step) + 1) if lo <= round(k * step, 4) <= hi]
+        else:
+            candidates = range(lo, hi + 1)
+        below = next((c for c in sorted((c for c in candidates if c < now), reverse=True) if ok({**values, name: c})), None)
+        above = next((c for c in sorted(c for c in candidates if c > now) if ok({**values, name: c})), None)
+        return sorted((c for c in (below, above) if c is not None), key=lambda c: abs(c - now))
+
+    def is_valid(self, *names):
+        """True when none of these knobs has a problem of its own (checks built on them are skipped otherwise)."""
+        return not self._bad.intersection(names)
 
     @property
     def mamba_d_inner(self):
         return int(round(self.mamba_expand * self.model_dim))
 
+    def world_problems(self, world_size):
+        """The batch geometry for this many ranks, one line a problem, each with a value that works."""
+        problems, seq = [], self.train_seq_len
+        accum = self.grad_accum_steps or max(1, 8 // world_size)
+        if self.is_valid("TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "TRAIN_SEQ_LEN"):
+            per_micro, tokens = world_size * accum * seq, self.train_batch_tokens
+            if tokens % per_micro:
+                fits = sorted({max(per_micro, tokens // per_micro * per_micro), (tokens // per_micro + 1) * per_micro},
+                              key=lambda t: abs(t - tokens))
+                problems.append(f"TRAIN_BATCH_TOKENS={tokens} must be a multiple of world size ({world_size}) x "
+                                f"GRAD_ACCUM_STEPS ({accum}) x TRAIN_SEQ_LEN ({seq}) = {per_micro}: try "
+                                f"TRAIN_BATCH_TOKENS={' or '.join(map(str, fits))}")
+        if self.is_valid("VAL_BATCH_SIZE", "TRAIN_SEQ_LEN") and self.val_batch_size < world_size * seq:
+            problems.append(f"VAL_BATCH_SIZE={self.val_batch_size} must give each of {world_size} ranks at least one "
+                            f"TRAIN_SEQ_LEN={seq} sequence: try VAL_BATCH_SIZE={world_size * seq}")
+        return problems
+
+    def machine_problems(self, cuda):
+        """A run sized for GPUs on a machine without CUDA stops here (issue 16: the default configuration on a CPU
+        took 24 GB and was killed by the kernel after 106 s, without a word)."""
+        if cuda or not self.is_valid("SMOKE", "DRY_RUN", "ALLOW_CPU") or self.smoke or self.dry_run or self.allow_cpu:
+            return []
+        return ["no CUDA GPU on this machine, and this run is sized for GPUs: SMOKE=1 runs the whole pipeline small "
+                "on a CPU, DRY_RUN=1 prints the config and sizes; ALLOW_CPU=1 trains this configuration on the CPU anyway"]
+
     def resolve_world(self, world_size):
         """Batch geometry depends on the number of ranks; checked once they are known."""
+        problems = self.world_problems(world_size)
+        if problems:
+            raise ConfigError("\n".join(problems))
         if self.grad_accum_steps == 0:
             self.grad_accum_steps = max(1, 8 // world_size)
         self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps
-        per_micro = world_size * self.grad_accum_steps * self.train_seq_len
-        if self.train_batch_tokens % per_micro:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size ({world_size}) x "
-                f"GRAD_ACCUM_STEPS ({self.grad_accum_steps}) x TRAIN_SEQ_LEN ({self.train_seq_len}) = {per_micro}")
-        if self.val_batch_size < world_size * self.train_seq_len:
-            raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size} must give each of {world_size} ranks at "
-                              f"least one TRAIN_SEQ_LEN={self.train_seq_len} sequence")
 
 # ----------------------------------------------------------------------------------------------
 # DATA: the challenge's shard format, a deterministic rank-sharded loader, bits-per-byte tables
@@ -288,7 +409,8 @@ class Hyperparameters:
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
 
-def load_data_shard(path) -> Tensor:
+def shard_token_count(path) -> int:
+    """The tokens a shard holds, by its header, checked against the file's size (reads 1 KB)."""
     path = Path(path)
     fix = f"re-download the data: {DOWNLOAD_HINT}"
     if not path.is_file():
@@ -301,8 +423,54 @@ def load_data_shard(path) -> Tensor:
     if n <= 0 or path.stat().st_size != expected:
         raise ValueError(f"data shard {path}: size {path.stat().st_size} bytes, header says {n} tokens "
                          f"({expected} bytes): truncated or corrupt; {fix}")
+    return n
+
+
+def load_data_shard(path) -> Tensor:
+    n = shard_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
+
+
+def data_problems(hp):
+    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them: the shards
+    there at all (DATA_PATH), the tokenizer (TOKENIZER_PATH, its size against VOCAB_SIZE), then every shard's
+    header and size and the validation split's length. Cheap: headers only; the tokenizer is loaded once."""
+    problems, where = [], f"DATA_PATH={hp.data_path}"
+    files = {split: sorted(glob.glob(os.path.join(hp.data_path, f"fineweb_{split}_*.bin"))) for split in ("train", "val")}
+    if not os.path.isdir(hp.data_path):
+        problems.append(f"{where} does not exist: download the data: {DOWNLOAD_HINT} (or set DATA_PATH to your shards)")
+    else:
+        problems += [f"{where} has no {split} shards (fineweb_{split}_*.bin): download them: {DOWNLOAD_HINT} (or "
+                     "tokenize your own: data/tokenize_corpus.py)" for split, found in files.items() if not found]
+    if not os.path.isfile(hp.tokenizer_path):  # the download that fetches the data fetches the tokenizer too
+        get = "the command above fetches it too" if problems else f"download it: {DOWNLOAD_HINT}"
+        problems.append(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist: {get}")
+    else:
+        import sentencepiece as spm
+        try:
+            pieces = spm.SentencePieceProcessor(model_file=hp.tokenizer_path).vocab_size()
+        except (RuntimeError, OSError) as e:
+            problems.append(f"TOKENIZER_PATH={hp.tokenizer_path} is not a SentencePiece model ({e}): download the "
+                            f"tokenizer: {DOWNLOAD_HINT}")
+        else:
+            if hp.is_valid("VOCAB_SIZE") and pieces != hp.vocab_size:
+                problems.append(f"VOCAB_SIZE={hp.vocab_size} but the tokenizer TOKENIZER_PATH={hp.tokenizer_path} has "
+                                f"{pieces} pieces: try VOCAB_SIZE={pieces}")
+    counts, bad = {}, []
+    for path in files["train"] + files["val"]:
+        try:
+            counts[path] = shard_token_count(path)
+        except (ValueError, OSError) as e:
+            bad.append(str(e))
+    problems += bad[:3] + ([f"{where}: {len(bad) - 3} more bad shards"] if len(bad) > 3 else [])
+    val_tokens = sum(counts.get(path, 0) for path in files["val"])
+    if files["val"] and all(p in counts for p in files["val"]) and hp.is_valid("TRAIN_SEQ_LEN") \
+            and val_tokens <= hp.train_seq_len:
+        fits = 2 ** int(math.log2(val_tokens - 1)) if val_tokens > 8 else None
+        problems.append(f"{where}: the validation split has {val_tokens} tokens, too few for TRAIN_SEQ_LEN="
+                        f"{hp.train_seq_len}: " + (f"try TRAIN_SEQ_LEN={fits}" if fits and fits >= 8 else "add validation data"))
+    return problems
 
 
 def shard_files(data_path, split):
@@ -1224,7 +1392,7 @@ def tf32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def collect_hessians(model, batches, ctx, names):
+def collect_hessians(model, batches, ctx, names, log=None):
     """H = sum over calibration tokens of x x^T for the input x of each named matrix: a linear layer's, or
     for the tied embedding ("tok_emb.weight", also the output head) the final hidden state."""
     modules = dict(model.named_modules())
@@ -1243,8 +1411,11 @@ def collect_hessians(model, batches, ctx, names):
         hessians[name] = torch.zeros(mod.in_features, mod.in_features, device=ctx.device)
         hooks.append(mod.register_forward_pre_hook(lambda m, inputs, key=name: accumulate(key, inputs[0])))
     model.eval()
+    every, t0 = max(1, len(batches) // 10), time.time()
     with torch.no_grad(), autocast(ctx.device):
-        for x, y in batches:
+        for n, (x, y) in enumerate(batches):
+            if log is not None and n and n % every == 0:  # rank 0 reports about every tenth of the way
+                log(f"  hessians {n}/{len(batches)} batches elapsed:{time.time() - t0:.0f}s")
             h = model.hidden(x)
             if "tok_emb.weight" in hessians:
                 accumulate("tok_emb.weight", h)
@@ -1279,6 +1450,7 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
             batches.setdefault((kind, tuple(p.shape)), []).append(name)
         else:  # the int8 tables without a Hessian: all but the tied embedding
             out[name] = (kind, *quantize_rtn(state[name], QMAX[kind], sigmas if kind == "int6" else embed_sigmas))
+    t0 = time.time()
     for (kind, _), names in batches.items():
         step = sigmas if kind == "int6" else embed_sigmas
         if agree(deadline is None or time.time() < deadline):
@@ -1286,6 +1458,8 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
             Q, S = quantize_gptq_batch(torch.stack([state[n] for n in names]).to(H.device), H, QMAX[kind], clip=clip,
                                        sigmas=step)
             out.update({n: (kind, q.cpu(), s.cpu()) for n, q, s in zip(names, Q, S)})
+            if time.time() - t0 > 5:  # progress only where GPTQ is slow (a CPU, a huge model)
+                log(f"  gptq {len(names)} x {kind} {tuple(Q.shape[1:])} done, elapsed:{time.time() - t0:.0f}s")
         else:
             late += len(names)
             out.update({n: (kind, *quantize_rtn(state[n], QMAX[kind], step)) for n in names})
@@ -1648,11 +1822,15 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
 # ----------------------------------------------------------------------------------------------
 
 class Context:
+    @staticmethod
+    def launcher(environ=None):
+        """(distributed, rank, world size, local rank) as torchrun's variables give them; no process group."""
+        env = os.environ if environ is None else environ
+        return ("RANK" in env and "WORLD_SIZE" in env, int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                int(env.get("LOCAL_RANK", 0)))
+
     def __init__(self):
-        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.distributed, self.rank, self.world_size, self.local_rank = self.launcher()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
         if cuda:
@@ -1740,10 +1918,14 @@ def describe(hp, model, log, code_bytes):
     return report
 
 
+def smoke_corpus_maker():
+    return Path(__file__).resolve().parent / "data" / "smoke_corpus.py"
+
+
 def make_smoke_corpus(root, vocab_size):
     """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (a development
     aid, not part of a submission's counted code)."""
-    path = Path(__file__).resolve().parent / "data" / "smoke_corpus.py"
+    path = smoke_corpus_maker()
     if not path.is_file():
         raise SystemExit(f"SMOKE=1 needs {path}: run it from the project, where data/ holds the corpus maker")
     spec = importlib.util.spec_from_file_location("smoke_corpus", path)
@@ -1786,8 +1968,9 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
 def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
     """Roundtrip (plain), sliding and TTT scores of the loaded artifact; val_bpb is the last one run."""
     L = hp.train_seq_len
-    loss, bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts)
-    log(f"roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+    t0 = time.time()
+    loss, bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)
+    log(f"roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     scores = dict(val_bpb=bpb, val_loss=loss, val_bpb_roundtrip=bpb, val_bpb_sliding=None, val_bpb_ttt=None)
     if hp.eval_stride:
         t0 = time.time()
@@ -1802,13 +1985,29 @@ def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
     return scores
 
 
+def stop_on_problems(problems, quiet=False):
+    """Every problem found before any work, one 'error:' line each, then exit code 2 (no traceback)."""
+    if problems:
+        if not quiet:  # under torchrun every rank finds the same problems: rank 0 says them
+            print("\n".join(f"error: {p}" for p in problems), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main():
     t_start = time.time()
-    try:
-        hp = Hyperparameters()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # settings, batch geometry, machine, data and tokenizer, all checked before any work and reported together
+    _, rank, world_size, local_rank = Context.launcher()
+    quiet = rank != 0 or local_rank != 0
+    hp = Hyperparameters(raise_errors=False)
+    problems = hp.problems()
+    if not hp.dry_run:
+        problems += hp.world_problems(world_size) + hp.machine_problems(torch.cuda.is_available())
+        if hp.smoke and not smoke_corpus_maker().is_file():
+            problems.append(f"SMOKE=1 needs {smoke_corpus_maker()}: run it from the project, where data/ holds the "
+                            "corpus maker")
+        if not hp.smoke and hp.is_valid("SMOKE", "DRY_RUN"):  # SMOKE's data is made below, then checked
+            problems += data_problems(hp)
+    stop_on_problems(problems, quiet)
     # the challenge counts the packed file (packed_source): run from it (its wrapper sets READABLE_SOURCE_BYTES),
     # count it as it is; run from the readable source, count what packing it gives
     own = Path(__file__).read_bytes()
@@ -1816,17 +2015,15 @@ def main():
     code_bytes, code_sha256 = len(code), hashlib.sha256(code).hexdigest()
     code_line = f"code_bytes:{code_bytes} (packed) readable_bytes:{globals().get('READABLE_SOURCE_BYTES', len(own))}"
     if hp.dry_run:
+        if quiet:  # torchrun starts every rank: one prints
+            return
         with torch.device("meta"):
             model = HybridGPT(hp)
         print(code_line)
         describe(hp, model, print, code_bytes)
         return
     ctx = Context()
-    try:
-        hp.resolve_world(ctx.world_size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    hp.resolve_world(ctx.world_size)  # checked above: sets GRAD_ACCUM_STEPS
     os.makedirs("logs", exist_ok=True)
     logfile = f"logs/{hp.run_id}.txt"
 
@@ -1837,32 +2034,40 @@ def main():
                 f.write(msg + "\n")
 
     if hp.smoke:
-        smoke_dir = Path(tempfile.mkdtemp(prefix="smoke_"))
-        if ctx.is_main:
-            make_smoke_corpus(smoke_dir, hp.vocab_size)
+        smoke_dir, problems = None, []
+        if ctx.is_main:  # one corpus, made by rank 0, removed at exit whether the run succeeds or fails
+            smoke_dir = tempfile.mkdtemp(prefix="smoke_")
+            atexit.register(shutil.rmtree, smoke_dir, ignore_errors=True)
+            try:
+                make_smoke_corpus(smoke_dir, hp.vocab_size)
+            except RuntimeError:  # SentencePiece cannot train this VOCAB_SIZE on the smoke text
+                problems = [f"SMOKE=1 with VOCAB_SIZE={hp.vocab_size}: SentencePiece cannot make the smoke tokenizer "
+                            f"at this size: try VOCAB_SIZE={SMOKE_DEFAULTS['VOCAB_SIZE']}"]
         if ctx.distributed:
-            dist.broadcast_object_list(obj := [str(smoke_dir)])
-            smoke_dir = Path(obj[0])
-        hp.data_path, hp.tokenizer_path = str(smoke_dir), str(smoke_dir / "smoke.model")
+            dist.broadcast_object_list(obj := [smoke_dir, problems])
+            smoke_dir, problems = obj
+        stop_on_problems(problems, not ctx.is_main)
+        hp.data_path, hp.tokenizer_path = smoke_dir, str(Path(smoke_dir) / "smoke.model")
         hp.resolved.update(DATA_PATH=hp.data_path, TOKENIZER_PATH=hp.tokenizer_path)
+        stop_on_problems(data_problems(hp), not ctx.is_main)
     if hp.smoke and ctx.device.type == "cpu":
         torch.set_num_threads(1)  # a tiny model: more threads only contend on a small shared machine
     random.seed(hp.seed)
     np.random.seed(hp.seed)
     torch.manual_seed(hp.seed)
     import sentencepiece as spm
-    if not Path(hp.tokenizer_path).is_file():
-        raise SystemExit(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; download it: {DOWNLOAD_HINT}")
-    sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
-    if sp.vocab_size() != hp.vocab_size:
-        raise SystemExit(f"VOCAB_SIZE={hp.vocab_size} but the tokenizer {hp.tokenizer_path} has {sp.vocab_size()} pieces")
+    sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)  # its size against VOCAB_SIZE: checked above
     luts = tuple(t.to(ctx.device) for t in build_byte_luts(sp, hp.vocab_size))  # byte counts stay on device
     train_files = shard_files(hp.data_path, "train")
     val_tokens = load_validation_tokens(hp.data_path, hp.train_seq_len)
-    if int(val_tokens.max()) >= hp.vocab_size:
-        raise SystemExit(f"validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
+    if int(val_tokens.max()) >= hp.vocab_size:  # needs the tokens read: checked here, still before the model
+        stop_on_problems([f"DATA_PATH={hp.data_path}: the validation shards hold token id {int(val_tokens.max())} >= "
+                          f"VOCAB_SIZE={hp.vocab_size}: the shards are for another tokenizer; use the one they were "
+                          "made with, and its VOCAB_SIZE"], not ctx.is_main)
     log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
         f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} {code_line} code_sha256:{code_sha256}")
+    if ctx.device.type == "cpu" and not hp.smoke:
+        log("WARNING: ALLOW_CPU=1: training on the CPU, at the memory and speed of a CPU")
     configure_kernels(hp, ctx.device, log)
 
     base_model = HybridGPT(hp).to(ctx.device)
@@ -1879,18 +2084,24 @@ def main():
         orders = [False, True] if hp.recur_layers else [False]  # both layer orders compile here, untimed
         log(f"warmup: {hp.warmup_steps} steps x {len(orders)} layer orders to compile and prime kernels "
             "(not timed; undone after)")
+        t_warm = time.time()
         init_model = copy.deepcopy(base_model.state_dict())
         init_opts = [copy.deepcopy(o.state_dict()) for o in opts]
         for looping in orders:
             base_model.looping = looping
+            t_order = time.time()
             for s in range(hp.warmup_steps):
                 train_step(model, opts, loader, hp, ctx, s, 1.0)
+                if s == 0:  # the first step compiles: minutes on a cold cache
+                    log(f"warmup: {'looped' if looping else 'plain'} order, first step {time.time() - t_order:.1f}s")
+            log(f"warmup: {'looped' if looping else 'plain'} order, {hp.warmup_steps} steps {time.time() - t_order:.1f}s")
         base_model.looping = False
         base_model.load_state_dict(init_model)
         for o, st in zip(opts, init_opts):
             o.load_state_dict(st)
         loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
-        log(f"warmup: {hp.warmup_steps} steps done in {time.time() - t_start:.0f}s since start, state restored")
+        log(f"warmup: {hp.warmup_steps} steps done in {time.time() - t_warm:.1f}s ({time.time() - t_start:.0f}s since "
+            "start), state restored")
     if hp.warmup_steps and hp.compile and ctx.device.type == "cuda":  # compiled during the warm-up
         breaks = torch._dynamo.utils.counters["graph_break"]
         log(f"compile: {sum(breaks.values())} graph breaks" + "".join(f"\n  {n}x {r}" for r, n in breaks.items()))
@@ -1915,10 +2126,12 @@ def main():
         ema.copy_to(base_model)
     # evaluation runs the compiled model too; every eval batch has one shape, so each of scoring and TTT's
     # adapting compiles once
+    log("prequant: scoring the weights before quantization (not timed)")
+    t_pre = time.time()
     with clock.paused():
-        prequant_loss, prequant_bpb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
-    log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f}")
-    t_q = time.time()
+        prequant_loss, prequant_bpb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx,
+                                               luts, log)
+    log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} ({time.time() - t_pre:.1f}s)")
     # the tied embedding is the output head too: GPTQ on the head's Hessian took its val_bpb cost from
     # +0.00135 to +0.00076 at QUANT_EMBED_SIGMAS=20, +0.3% bytes (tools/quant_study.py section 6)
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
@@ -1928,7 +2141,12 @@ def main():
         ncal = hp.gptq_calib_tokens // hp.train_seq_len
         cal = [loader.next_batch(hp.train_seq_len * min(batch_seqs, ncal - i), hp.train_seq_len)
                for i in range(0, ncal, batch_seqs)]
-        hessians = collect_hessians(base_model, cal, ctx, names)
+        log(f"hessians: {len(names)} matrices from {ncal * hp.train_seq_len:,} tokens a rank in {len(cal)} batches")
+        t_h = time.time()
+        hessians = collect_hessians(base_model, cal, ctx, names, log)
+        log(f"hessians: done in {time.time() - t_h:.1f}s")
+    log(f"gptq: start, {len(hessians)} matrices with Hessians")
+    t_q = time.time()
     deadline = time.time() + cap - clock.elapsed() if cap > 0 else None
     quantized = quantize_model(base_model, hessians, deadline, log, clip=hp.gptq_clip_search,
                                agree=lambda in_time: bool(rank0_value(in_time, ctx)), sigmas=hp.quant_sigmas,
@@ -1960,6 +2178,7 @@ def main():
         log(f"smoke: val_bpb {summary['val_bpb']:.4f} vs unigram baseline {summary['unigram_bpb']:.4f}")
     log("final_summary " + json.dumps(summary))
     if ctx.distributed:
+        dist.barrier()  # every rank done with the shards (SMOKE's are removed when rank 0 exits)
         dist.destroy_process_group()
 
 

@@ -1,10 +1,12 @@
-"""DATA: the shard format, the rank-sharded loader."""
+"""DATA: the shard format, the rank-sharded loader; the data and tokenizer checked before any work."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
-from util import write_shard
+from util import make_inputs, run_train_gpt, write_shard
 
 
 def test_shard_roundtrip(tmp_path):
@@ -72,3 +74,86 @@ def test_loader_rank_slices_tile_the_global_batch(tmp_path):
         (a0, b0), (a1, b1) = [r.next_batch(64, 16) for r in ranks]
         assert torch.equal(x0, a0) and torch.equal(x1, a1) and torch.equal(y0, b0) and torch.equal(y1, b1)
         assert torch.equal(x0.reshape(-1)[1:], y0.reshape(-1)[:-1])  # targets are inputs shifted by one
+
+
+# ---------------------------------------------------------------------------------------------
+# the data and the tokenizer, checked before any work in the order a user fixes them (train_gpt.py started
+# as a user starts it: one 'error:' line a problem, exit code 2, in seconds)
+# ---------------------------------------------------------------------------------------------
+
+STOP_SECONDS = 15  # importing torch is most of it: about 1.4 s measured on 2 shared cores
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return dict(make_inputs(tmp_path_factory.mktemp("inputs")), ALLOW_CPU="1")
+
+
+def copy_inputs(inputs, folder):
+    """The good inputs copied into folder/data, to be broken there: -> the env pointing at the copy."""
+    data = folder / "data"
+    data.mkdir()
+    for f in Path(inputs["DATA_PATH"]).glob("*.bin"):
+        (data / f.name).write_bytes(f.read_bytes())
+    return dict(inputs, DATA_PATH=str(data))
+
+
+def stop_lines(r, seconds):
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stdout == "", r.stdout[-2000:] + r.stderr[-2000:]
+    assert seconds < STOP_SECONDS, seconds
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), lines
+    return [line[len("error: "):] for line in lines]
+
+
+def test_a_wrong_data_path_is_missing_data_not_a_missing_tokenizer(inputs, tmp_path):
+    wrong = tmp_path / "fineweb10B_sp320"
+    r, seconds = run_train_gpt(dict(inputs, DATA_PATH=wrong), tmp_path)
+    assert stop_lines(r, seconds) == [f"DATA_PATH={wrong} does not exist: download the data: {tg.DOWNLOAD_HINT} (or set "
+                                      "DATA_PATH to your shards)"]
+
+
+def test_a_folder_without_shards(inputs, tmp_path):
+    r, seconds = run_train_gpt(dict(inputs, DATA_PATH=tmp_path), tmp_path)
+    lines = stop_lines(r, seconds)
+    assert [line.split(": ")[0] for line in lines] == [f"DATA_PATH={tmp_path} has no train shards (fineweb_train_*.bin)",
+                                                       f"DATA_PATH={tmp_path} has no val shards (fineweb_val_*.bin)"]
+    assert all(tg.DOWNLOAD_HINT in line and "data/tokenize_corpus.py" in line for line in lines)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "TOKENIZER_PATH={path} does not exist: download it: {hint}"),
+    (b"not a model", "TOKENIZER_PATH={path} is not a SentencePiece model"),
+])
+def test_a_missing_or_foreign_tokenizer(inputs, tmp_path, content, message):
+    path = tmp_path / "tokenizer.model"
+    if content is not None:
+        path.write_bytes(content)
+    r, seconds = run_train_gpt(dict(inputs, TOKENIZER_PATH=path), tmp_path)
+    (line,) = stop_lines(r, seconds)
+    assert line.startswith(message.format(path=path, hint=tg.DOWNLOAD_HINT)), line
+
+
+def test_a_truncated_shard_is_named_before_training(inputs, tmp_path):
+    env = copy_inputs(inputs, tmp_path)
+    shard = Path(env["DATA_PATH"]) / "fineweb_val_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    r, seconds = run_train_gpt(env, tmp_path)
+    (line,) = stop_lines(r, seconds)
+    assert line.startswith(f"data shard {shard}: size ") and "truncated or corrupt; re-download the data: " in line
+
+
+def test_validation_split_too_short_for_the_sequence(inputs, tmp_path):
+    val = sum(tg.shard_token_count(f) for f in Path(inputs["DATA_PATH"]).glob("fineweb_val_*.bin"))
+    r, seconds = run_train_gpt(dict(inputs, TRAIN_SEQ_LEN=65536, TRAIN_BATCH_TOKENS=524288), tmp_path)
+    assert stop_lines(r, seconds) == [f"DATA_PATH={inputs['DATA_PATH']}: the validation split has {val} tokens, too few "
+                                      f"for TRAIN_SEQ_LEN=65536: try TRAIN_SEQ_LEN={2 ** int(np.log2(val - 1))}"]
+
+
+def test_token_ids_past_the_vocabulary(inputs, tmp_path):
+    env = copy_inputs(inputs, tmp_path)
+    write_shard(Path(env["DATA_PATH"]) / "fineweb_val_000000.bin", np.arange(10000) % 400)
+    r, seconds = run_train_gpt(env, tmp_path)
+    (line,) = stop_lines(r, seconds)
+    assert line.startswith(f"DATA_PATH={env['DATA_PATH']}: the validation shards hold token id 399 >= VOCAB_SIZE=320")

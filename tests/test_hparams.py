@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
+from util import make_inputs, run_train_gpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_ENV = dict(MAMBA_LAYERS="0,1,2,3,4,5,6,7,8,9,10,11,15,16,17", NUM_LAYERS="18", MAMBA_D_STATE="32",
@@ -153,3 +154,111 @@ def test_readme_table_defaults_match_the_code():
         if not same:
             wrong.append(f"{name}: README {cells[1]!r}, code {actual!r}")
     assert not wrong, wrong
+
+
+# ---------------------------------------------------------------------------------------------
+# the check before any work, as a user meets it: train_gpt.py started with one bad input stops with one
+# 'error:' line naming the variable, its value and a value that works, exit code 2, no traceback, in seconds
+# ---------------------------------------------------------------------------------------------
+
+STOP_SECONDS = 15  # importing torch is most of it: about 1.4 s measured on 2 shared cores
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tokenizer and shards a run accepts, and ALLOW_CPU=1 so that the CPU running the tests is no problem."""
+    return dict(make_inputs(tmp_path_factory.mktemp("inputs")), ALLOW_CPU="1")
+
+
+def stop_lines(r, seconds):
+    """The run's error lines, after checking that it stopped as a settings check does."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stdout == "", r.stdout[-2000:] + r.stderr[-2000:]
+    assert seconds < STOP_SECONDS, seconds
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), lines
+    return [line[len("error: "):] for line in lines]
+
+
+@pytest.mark.parametrize("env, message", [
+    # follow-on checks are skipped: no layer-index error for NUM_LAYERS=0, no EVAL_STRIDE error for TRAIN_SEQ_LEN=-5
+    ({"NUM_LAYERS": "0"}, "NUM_LAYERS=0: expected an integer in [1, 128] (default 11)"),
+    ({"TRAIN_SEQ_LEN": "-5"}, "TRAIN_SEQ_LEN=-5: expected an integer in [8, 65536] (default 2048)"),
+    ({"MODEL_DIM": "500"}, "MODEL_DIM=500 must split into NUM_HEADS=8 heads of even size; MAMBA_EXPAND*MODEL_DIM=500 "
+                           "must be a multiple of MAMBA_HEADDIM=64: try MODEL_DIM=512 or 448"),
+    ({"MODEL_DIM": "500", "MAMBA_LAYERS": ""}, "MODEL_DIM=500 must split into NUM_HEADS=8 heads of even size: "
+                                               "try MODEL_DIM=496 or 512"),
+    ({"NUM_HEADS": "6"}, "MODEL_DIM=512 must split into NUM_HEADS=6 heads of even size; NUM_HEADS=6 must be a "
+                         "multiple of NUM_KV_HEADS=4: try NUM_HEADS=4 or 8"),
+    ({"MAMBA_LAYERS": "0,11"}, "MAMBA_LAYERS has [11]: expected indices in [0, 10] (NUM_LAYERS=11): try "
+                               "MAMBA_LAYERS=0 or NUM_LAYERS=12"),
+    ({"MAX_WALLCLOCK_SECONDS": "5"}, "MAX_WALLCLOCK_SECONDS=5 leaves no training time after GPTQ_RESERVE_SECONDS=12: "
+                                     "try MAX_WALLCLOCK_SECONDS=600, or 0 for no cap"),
+    ({"GPTQ_RESERVE_SECONDS": "700"}, "MAX_WALLCLOCK_SECONDS=600 leaves no training time after "
+                                      "GPTQ_RESERVE_SECONDS=700: try GPTQ_RESERVE_SECONDS=12"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000 must be a multiple of world size (1) x GRAD_ACCUM_STEPS "
+                                     "(8) x TRAIN_SEQ_LEN (2048) = 16384: try TRAIN_BATCH_TOKENS=16384"),
+    ({"VOCAB_SIZE": "1024"}, "VOCAB_SIZE=1024 but the tokenizer TOKENIZER_PATH={tok} has 320 pieces: try VOCAB_SIZE=320"),
+    ({"ALLOW_CPU": "yes"}, "ALLOW_CPU='yes': expected 0 or 1 in [0, 1] (default 0)"),
+])
+def test_one_bad_input_one_line(inputs, tmp_path, env, message):
+    r, seconds = run_train_gpt(dict(inputs, **env), tmp_path)
+    assert stop_lines(r, seconds) == [message.format(tok=inputs["TOKENIZER_PATH"])]
+
+
+def test_vocab_size_checked_against_the_tokenizer_name_before_it_loads(inputs, tmp_path):
+    named = tmp_path / "fineweb_320_bpe.model"
+    named.write_bytes(Path(inputs["TOKENIZER_PATH"]).read_bytes())
+    r, seconds = run_train_gpt(dict(inputs, TOKENIZER_PATH=named, VOCAB_SIZE=8192), tmp_path)
+    assert stop_lines(r, seconds) == [f"VOCAB_SIZE=8192 but TOKENIZER_PATH={named} is named for 320 tokens: try "
+                                      f"VOCAB_SIZE=320, or TOKENIZER_PATH={tmp_path}/fineweb_8192_bpe.model"]
+    # and by the names alone, as DRY_RUN sees them (no file needed)
+    with pytest.raises(tg.ConfigError, match="are named for 8192 tokens: try VOCAB_SIZE=8192"):
+        tg.Hyperparameters({"VOCAB_SIZE": "1024"})
+
+
+def test_all_problems_at_once_in_the_order_a_user_fixes_them(inputs, tmp_path):
+    r, seconds = run_train_gpt(dict(inputs, NUM_LAYERS=0, MODEL_DIM=500, DATA_PATH=tmp_path / "nowhere",
+                                    TOKENIZER_PATH=tmp_path / "none.model"), tmp_path)
+    lines = stop_lines(r, seconds)
+    assert [line.split(" ")[0].split("=")[0] for line in lines] == ["NUM_LAYERS", "MODEL_DIM", "DATA_PATH",
+                                                                      "TOKENIZER_PATH"], lines
+    assert lines[2].startswith(f"DATA_PATH={tmp_path / 'nowhere'} does not exist: download the data: "
+                               f"{tg.DOWNLOAD_HINT}")
+    assert lines[3] == f"TOKENIZER_PATH={tmp_path / 'none.model'} does not exist: the command above fetches it too"
+
+
+def test_a_gpu_run_on_a_cpu_stops_naming_smoke_and_dry_run(inputs, tmp_path):
+    """The default configuration on a CPU was OOM-killed after 106 s without a word; now it says what to run."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r, seconds = run_train_gpt(dict(inputs, ALLOW_CPU=0), tmp_path)
+    (line,) = stop_lines(r, seconds)
+    assert line.startswith("no CUDA GPU on this machine") and "SMOKE=1" in line and "DRY_RUN=1" in line
+    assert "ALLOW_CPU=1" in line
+    hp = tg.Hyperparameters({})
+    assert hp.machine_problems(cuda=False) and not hp.machine_problems(cuda=True)
+    for knob in ("SMOKE", "DRY_RUN", "ALLOW_CPU"):
+        assert tg.Hyperparameters({knob: "1"}).machine_problems(cuda=False) == []
+
+
+def test_dry_run_under_torchrun_prints_on_rank_0_only(tmp_path):
+    """torchrun --nproc_per_node=8 starts 8 copies: the other 7 print nothing (and make no process group)."""
+    for env in (dict(RANK="1", WORLD_SIZE="8", LOCAL_RANK="1"), dict(LOCAL_RANK="3")):
+        r, _ = run_train_gpt(dict(DRY_RUN=1, **env), tmp_path)
+        assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout[-500:] + r.stderr[-500:]
+    r, _ = run_train_gpt(dict(DRY_RUN=1, RANK="1", WORLD_SIZE="8", NUM_LAYERS=0), tmp_path)  # every rank stops, one says
+    assert r.returncode == 2 and r.stderr == ""
+    r, _ = run_train_gpt(dict(DRY_RUN=1, RANK="0", WORLD_SIZE="8", LOCAL_RANK="0"), tmp_path)
+    assert r.returncode == 0 and r.stdout.count("layer map:") == 1
+
+
+def test_follow_on_checks_wait_for_the_values_they_read():
+    for env, only in [({"NUM_LAYERS": "0", "PARALLEL_FROM": "3", "MAMBA_LAYERS": "0,1"}, "NUM_LAYERS"),
+                      ({"TRAIN_SEQ_LEN": "x", "EVAL_STRIDE": "64"}, "TRAIN_SEQ_LEN"),
+                      ({"MODEL_DIM": "-3", "ROPE_DIMS": "16"}, "MODEL_DIM"),
+                      ({"NUM_HEADS": "0"}, "NUM_HEADS"),
+                      ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS")]:
+        hp = tg.Hyperparameters(env, raise_errors=False)
+        assert [p.split("=")[0] for p in hp.problems()] == [only], hp.problems()
+        assert hp.world_problems(1) == []

@@ -59,7 +59,7 @@ python3 -c "import json, os; d = {k: os.environ.get(k) for k in ('CUDA_VISIBLE_D
 def side_by_side(tmp_path, *specs, gpus=4):
     (tmp_path / "runner.sh").write_text(STUB_RUNNER)
     env = dict(os.environ, PROXY_RUNNER=str(tmp_path / "runner.sh"), PROXY_GPUS=str(gpus), OUT=str(tmp_path / "out"),
-               MAX_WALLCLOCK_SECONDS="150")
+               MAX_WALLCLOCK_SECONDS="150", TMPDIR=str(tmp_path))  # its mktemp folder inside tmp_path
     script = Path(__file__).resolve().parents[1] / "tools" / "proxy_side_by_side.sh"
     return subprocess.run(["bash", str(script), *specs], env=env, capture_output=True, text=True, timeout=60)
 

@@ -1,6 +1,7 @@
 """TRAINING loop and the whole pipeline: a non-finite loss stops the run; SMOKE end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from util import CPUContext, free_port, join_gloo, leave_gloo, make_hp, torchrun_smoke, write_shard
+from util import CPUContext, free_port, join_gloo, leave_gloo, make_hp, run_train_gpt, temp_under, torchrun_smoke, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_loop_stops_at_the_wall_clock(tmp_path):
 def test_smoke_runs_the_whole_pipeline(tmp_path):
     """SMOKE=1 on a CPU, no data: train, GPTQ export, roundtrip, sliding, TTT, final summary."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(SMOKE="1", RUN_ID="pytest_smoke", PYTHONUNBUFFERED="1")
+    env.update(SMOKE="1", RUN_ID="pytest_smoke", PYTHONUNBUFFERED="1", **temp_under(tmp_path))
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -92,6 +93,14 @@ def test_smoke_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "logs" / "pytest_smoke.artifact").stat().st_size == s["model_bytes"]
     assert s["train_seconds"] <= s["config"]["MAX_WALLCLOCK_SECONDS"] + 1.0
     assert "gptq: " in r.stdout and " 0 matrices with Hessians" not in r.stdout
+    assert not list((tmp_path / "tmp").glob("smoke_*"))  # SMOKE's corpus removed at exit
+    # every long phase says when it starts and how long it took
+    for start, end in [("hessians: ", "hessians: done in "), ("gptq: start", "gptq: "), ("prequant: scoring", "prequant val_loss:"),
+                       ("export: compressing", "artifact: "), ("roundtrip val_loss:", "roundtrip val_loss:"),
+                       ("sliding stride:", "sliding stride:"), ("ttt val_loss:", "ttt val_loss:")]:
+        lines = r.stdout.splitlines()
+        assert any(line.startswith(start) for line in lines), start
+        assert any(line.startswith(end) and re.search(r"\d+\.\ds\b", line) for line in lines), end
 
 
 def test_two_rank_cpu_run_keeps_ranks_identical(tmp_path):
@@ -121,10 +130,40 @@ def test_smoke_outside_the_project_says_what_is_missing(tmp_path):
     """A record folder holds train_gpt.py alone: SMOKE=1 there must stop with a clear message."""
     script = tmp_path / "train_gpt.py"
     script.write_bytes((Path(tg.__file__)).read_bytes())
-    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, SMOKE="1"),
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ, SMOKE="1", **temp_under(tmp_path)),
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "SMOKE=1 needs" in r.stderr and "data/smoke_corpus.py" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: SMOKE=1 needs")
+    assert "data/smoke_corpus.py" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "tmp").iterdir())  # stopped before it made anything
+
+
+def test_smoke_corpus_removed_after_a_failing_run(tmp_path):
+    """A run that fails after SMOKE made its corpus (here the export cannot fit a cap of 0.1 MB) leaves no
+    /tmp/smoke_* behind (2.4 MB each, one per run, before)."""
+    r, _ = run_train_gpt(dict(SMOKE=1, ITERATIONS=2, TARGET_MB=0.1, QUANT_MIN_BITS=6, TTT_ENABLED=0, RUN_ID="fails"),
+                         tmp_path, timeout=300)
+    assert r.returncode != 0 and "over the cap" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "device:cpu" in r.stdout  # it got past the corpus, into the run
+    assert not list((tmp_path / "tmp").glob("smoke_*"))
+
+
+def test_the_cap_is_honoured_at_a_small_budget(tmp_path):
+    """At or below GPTQ_RESERVE_SECONDS the cap is an error before any work (it once meant: no cap, and
+    SMOKE=1 MAX_WALLCLOCK_SECONDS=5 trained all 300 steps in 212 s); a little above it, training stops at
+    the cap less the reserve and the export fits inside the cap. The compile warm-up is not timed."""
+    r, seconds = run_train_gpt(dict(SMOKE=1, MAX_WALLCLOCK_SECONDS=5), tmp_path)
+    assert r.returncode == 2 and seconds < 15 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: MAX_WALLCLOCK_SECONDS=5 leaves no training time after GPTQ_RESERVE_SECONDS=5")
+    r, _ = run_train_gpt(dict(SMOKE=1, MAX_WALLCLOCK_SECONDS=8, WARMUP_STEPS=2, TTT_ENABLED=0, EVAL_STRIDE=0,
+                              RUN_ID="capped"), tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1][len("final_summary "):])
+    assert 0 < s["steps"] < s["config"]["ITERATIONS"] and s["train_seconds"] <= 8 + 1.0, s
+    assert "WARNING: wall clock reached during GPTQ" not in r.stdout
+    # the warm-up (both layer orders: SMOKE's RECUR_LAYERS=1,2) says how long each took
+    assert re.search(r"^warmup: plain order, 2 steps \d+\.\ds$", r.stdout, re.M)
+    assert re.search(r"^warmup: looped order, 2 steps \d+\.\ds$", r.stdout, re.M)
+    assert re.search(r"^warmup: 2 steps done in \d+\.\ds", r.stdout, re.M)
 
 
 def _loop_with_skewed_clock(rank, world_size, data_dir, port, out_dir):

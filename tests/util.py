@@ -1,9 +1,12 @@
 """Small shared helpers for the tests: tiny configurations, a CPU context, shard files."""
 import datetime
+import getpass
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +79,36 @@ def torchrun_smoke(cwd, nproc, timeout=300):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(SMOKE="1", COMPILE="1", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="20", ITERATIONS="1000000",
                TTT_ENABLED="1", EVAL_STRIDE="128", RUN_ID="torchrun_smoke",
-               PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
+               PYTHONPATH=str(root), PYTHONUNBUFFERED="1", **temp_under(cwd))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            str(root / "train_gpt.py")], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def temp_under(folder):
+    """Environment that sends a child's temporary files (SMOKE's corpus, torchrun's torchelastic_* logs) into
+    folder/tmp, inside the test's tmp_path; the compile cache stays where it was, shared by every test."""
+    tmp = Path(folder) / "tmp"
+    tmp.mkdir(exist_ok=True)
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return dict(TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=cache)
+
+
+def run_train_gpt(env, cwd, timeout=60):
+    """train_gpt.py as a user starts it (no torchrun variables unless env sets them), from cwd, with its temporary
+    files under cwd/tmp. Returns (CompletedProcess, seconds until it stopped)."""
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update(PYTHONUNBUFFERED="1", **temp_under(cwd))
+    full.update({k: str(v) for k, v in env.items()})
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train_gpt.py")], cwd=cwd, env=full,
+                       capture_output=True, text=True, timeout=timeout)
+    return r, time.time() - t0
+
+
+def make_inputs(folder, vocab_size=320):
+    """A tokenizer and train/val shards a run accepts (SMOKE's corpus maker): -> the env that points at them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from smoke_corpus import make_smoke_corpus
+    data, tokenizer = make_smoke_corpus(folder, vocab_size)
+    return dict(DATA_PATH=data, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=str(vocab_size))

@@ -33,6 +33,7 @@ for spec in "$@"; do
 done
 mkdir -p "$out"
 consoles=$(mktemp -d)
+trap 'rm -rf "$consoles"' EXIT  # the consoles that matter are copied to $out
 gpu=0
 ids=()
 for spec in "$@"; do
