@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from util import make_inputs, run_train_gpt, write_shard
+from util import make_inputs, run_train_gpt, stop_lines, write_shard
 
 
 def test_shard_roundtrip(tmp_path):
@@ -81,9 +81,6 @@ def test_loader_rank_slices_tile_the_global_batch(tmp_path):
 # as a user starts it: one 'error:' line a problem, exit code 2, in seconds)
 # ---------------------------------------------------------------------------------------------
 
-STOP_SECONDS = 15  # importing torch is most of it: about 1.4 s measured on 2 shared cores
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     return dict(make_inputs(tmp_path_factory.mktemp("inputs")), ALLOW_CPU="1")
@@ -96,15 +93,6 @@ def copy_inputs(inputs, folder):
     for f in Path(inputs["DATA_PATH"]).glob("*.bin"):
         (data / f.name).write_bytes(f.read_bytes())
     return dict(inputs, DATA_PATH=str(data))
-
-
-def stop_lines(r, seconds):
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    assert "Traceback" not in r.stderr and r.stdout == "", r.stdout[-2000:] + r.stderr[-2000:]
-    assert seconds < STOP_SECONDS, seconds
-    lines = r.stderr.strip().splitlines()
-    assert lines and all(line.startswith("error: ") for line in lines), lines
-    return [line[len("error: "):] for line in lines]
 
 
 def test_a_wrong_data_path_is_missing_data_not_a_missing_tokenizer(inputs, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
-from util import make_inputs, run_train_gpt
+from util import make_inputs, run_train_gpt, stop_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_ENV = dict(MAMBA_LAYERS="0,1,2,3,4,5,6,7,8,9,10,11,15,16,17", NUM_LAYERS="18", MAMBA_D_STATE="32",
@@ -161,23 +161,10 @@ def test_readme_table_defaults_match_the_code():
 # 'error:' line naming the variable, its value and a value that works, exit code 2, no traceback, in seconds
 # ---------------------------------------------------------------------------------------------
 
-STOP_SECONDS = 15  # importing torch is most of it: about 1.4 s measured on 2 shared cores
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A tokenizer and shards a run accepts, and ALLOW_CPU=1 so that the CPU running the tests is no problem."""
     return dict(make_inputs(tmp_path_factory.mktemp("inputs")), ALLOW_CPU="1")
-
-
-def stop_lines(r, seconds):
-    """The run's error lines, after checking that it stopped as a settings check does."""
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    assert "Traceback" not in r.stderr and r.stdout == "", r.stdout[-2000:] + r.stderr[-2000:]
-    assert seconds < STOP_SECONDS, seconds
-    lines = r.stderr.strip().splitlines()
-    assert lines and all(line.startswith("error: ") for line in lines), lines
-    return [line[len("error: "):] for line in lines]
 
 
 @pytest.mark.parametrize("env, message", [

@@ -112,3 +112,16 @@ def make_inputs(folder, vocab_size=320):
     from smoke_corpus import make_smoke_corpus
     data, tokenizer = make_smoke_corpus(folder, vocab_size)
     return dict(DATA_PATH=data, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=str(vocab_size))
+
+
+STOP_SECONDS = 15  # importing torch is most of it: about 1.4 s measured on 2 shared cores
+
+
+def stop_lines(r, seconds):
+    """The run's error lines, after checking that it stopped as a settings check does."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stdout == "", r.stdout[-2000:] + r.stderr[-2000:]
+    assert seconds < STOP_SECONDS, seconds
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), lines
+    return [line[len("error: "):] for line in lines]
