@@ -449,7 +449,8 @@ def data_problems(hp):
     else:
         import sentencepiece as spm
         try:
-            pieces = spm.SentencePieceProcessor(model_file=hp.tokenizer_path).vocab_size()
+            sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+            pieces = sp.vocab_size()
         except (RuntimeError, OSError) as e:
             problems.append(f"TOKENIZER_PATH={hp.tokenizer_path} is not a SentencePiece model ({e}): download the "
                             f"tokenizer: {DOWNLOAD_HINT}")
@@ -457,6 +458,9 @@ def data_problems(hp):
             if hp.is_valid("VOCAB_SIZE") and pieces != hp.vocab_size:
                 problems.append(f"VOCAB_SIZE={hp.vocab_size} but the tokenizer TOKENIZER_PATH={hp.tokenizer_path} has "
                                 f"{pieces} pieces: try VOCAB_SIZE={pieces}")
+            if hp.smear_gate and sp.bos_id() < 0:
+                problems.append(f"SMEAR_GATE=1 masks document starts by the BOS token, but TOKENIZER_PATH="
+                                f"{hp.tokenizer_path} has none: use a tokenizer with a BOS, or SMEAR_GATE=0")
     counts, bad = {}, []
     for path in files["train"] + files["val"]:
         try:
@@ -2071,9 +2075,7 @@ def main():
     configure_kernels(hp, ctx.device, log)
 
     base_model = HybridGPT(hp).to(ctx.device)
-    base_model.bos_id = sp.bos_id()
-    if hp.smear_gate and sp.bos_id() < 0:
-        raise SystemExit(f"SMEAR_GATE=1 masks document starts by the BOS token, but {hp.tokenizer_path} has none")
+    base_model.bos_id = sp.bos_id()  # one exists where SMEAR_GATE reads it: data_problems checked
     report = describe(hp, base_model, log, code_bytes)
     model = compile_model(base_model, hp.compile) if ctx.device.type == "cuda" else base_model
     opts = build_optimizers(base_model, hp)
