@@ -615,6 +615,9 @@ def import_without_package_init(package, module):
 def load_fast_kernels():
     """{call site: (implementation, name) or (None, why not)} for the GPU libraries that import here."""
     found = {}
+    # mamba_ssm's kernels autotune per shape and dtype (minutes on a fresh GPU): keep the choices in Triton's
+    # disk cache so a second run on the machine skips them. Read when the kernels are defined, so set first.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         ssd = import_without_package_init("mamba_ssm", "ops.triton.ssd_combined")
         found["ssd"] = ((ssd._mamba_chunk_scan_combined_fwd, ssd._mamba_chunk_scan_combined_bwd), "mamba_ssm-triton")
