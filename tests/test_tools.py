@@ -117,11 +117,58 @@ def test_install_gpu_takes_the_kernel_versions_from_requirements(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python3 -m pip install --no-build-isolation " \
            f"--no-deps {pins['mamba-ssm']}\n" in r.stdout
-    assert "TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install --no-build-isolation causal-conv1d==9.9.9\n" in r.stdout
+    assert "+ env MAX_JOBS=16 python3 -m pip install --no-build-isolation causal-conv1d==9.9.9\n" in r.stdout
     assert f"--no-deps {pins['flash_attn_3']} --find-links " in r.stdout
     assert "flash_attn_3" not in install_gpu(tmp_path, SKIP_FA3="1").stdout
     r = install_gpu(ROOT / "tools")  # from the project: tools/ -> the root's requirements.txt
     assert r.returncode == 0 and all(spec in r.stdout for spec in pins.values()), r.stderr
+
+
+def conv1d_sdist(tmp_path, setup_py):
+    """A causal-conv1d sdist at the pinned version's file name, holding only the given setup.py."""
+    pin = kernel_pins((ROOT / "requirements.txt").read_text())["causal-conv1d"]
+    src = tmp_path / "src" / f"causal_conv1d-{pin.split('==')[1]}"
+    src.mkdir(parents=True)
+    (src / "setup.py").write_text(setup_py)
+    sdist = tmp_path / f"{src.name}.tar.gz"
+    subprocess.run(["tar", "czf", str(sdist), "-C", str(src.parent), src.name], check=True)
+    return sdist
+
+
+def sm90_edit(sdist, tmp_path):
+    """install_gpu.sh's own setup.py edit, run on the unpacked sdist: (exit code, stderr, setup.py's output)."""
+    out = tmp_path / "unpacked"
+    out.mkdir()
+    subprocess.run(["tar", "xzf", str(sdist), "-C", str(out), "--strip-components=1"], check=True)
+    edit = (ROOT / "tools" / "install_gpu.sh").read_text().split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    r = subprocess.run([sys.executable, "-", str(out / "setup.py")], input=edit, text=True, capture_output=True)
+    return r.returncode, r.stderr, subprocess.run([sys.executable, str(out / "setup.py")], capture_output=True,
+                                                  text=True).stdout.strip()
+
+
+def test_install_gpu_builds_a_given_conv1d_sdist_for_hopper_only(tmp_path):
+    """CONV1D_SDIST: the pinned version's source is unpacked, its -gencode list cut to sm_90, then built with
+    FORCE_BUILD (the nvcc build needs a GPU machine; the edit runs here on a setup.py with the line it keys on)."""
+    sdist = conv1d_sdist(tmp_path, "if True:\n    cc_flag = ['-gencode', 'arch=compute_80,code=sm_80']\n"
+                                   "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI is set to be the same as\n"
+                                   "    print(cc_flag)\n")
+    r = install_gpu(ROOT / "tools", CONV1D_SDIST=str(sdist))
+    assert r.returncode == 0, r.stderr
+    assert "+ env CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps /" in r.stdout
+    assert "causal-conv1d==" not in r.stdout  # not also fetched from the index
+    assert sm90_edit(sdist, tmp_path) == (0, "", "['-gencode', 'arch=compute_90,code=sm_90']")
+
+
+def test_install_gpu_refuses_a_conv1d_sdist_it_cannot_build_as_asked(tmp_path):
+    """A setup.py without the line the edit keys on is an error, not a silent build for every GPU; a missing
+    file or another version's sdist stops the script before anything is installed."""
+    code, err, _ = sm90_edit(conv1d_sdist(tmp_path, "print('another layout')\n"), tmp_path)
+    assert code != 0 and "has no single '# HACK: The compiler flag" in err
+    other = tmp_path / "causal_conv1d-0.0.1.tar.gz"
+    other.write_bytes(b"")
+    for wrong in (other, tmp_path / "missing.tar.gz"):
+        r = install_gpu(ROOT / "tools", CONV1D_SDIST=str(wrong))
+        assert r.returncode == 1 and "expected an existing causal_conv1d-" in r.stderr and "+ " not in r.stdout, r
 
 
 def test_install_gpu_without_a_pin_stops_before_installing(tmp_path):

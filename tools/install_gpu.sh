@@ -27,6 +27,13 @@ pin() {
 mamba_ssm=$(pin mamba-ssm)
 causal_conv1d=$(pin causal-conv1d)
 flash_attn_3=$(pin flash_attn_3)
+if [ -n "${CONV1D_SDIST:-}" ]; then  # checked here too, before anything is installed
+  sdist_name="${causal_conv1d%%==*}"; sdist_name="${sdist_name//-/_}-${causal_conv1d##*==}.tar.gz"
+  if [ ! -f "$CONV1D_SDIST" ] || [ "$(basename "$CONV1D_SDIST")" != "$sdist_name" ]; then
+    echo "install_gpu.sh: CONV1D_SDIST=$CONV1D_SDIST: expected an existing $sdist_name (the pin in requirements.txt)" >&2
+    exit 1
+  fi
+fi
 
 # mamba-ssm: only its Triton SSD kernels are used. MAMBA_SKIP_CUDA_BUILD skips compiling the Mamba-1
 # selective-scan extension (many minutes of nvcc) and MAMBA_FORCE_BUILD keeps setup.py from fetching a
@@ -39,9 +46,24 @@ run python3 -m pip install einops packaging
 run env MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $pip_install --no-deps "$mamba_ssm"
 
 # causal-conv1d: its setup.py downloads the release wheel that matches torch, CUDA and the C++ ABI when
-# one exists; otherwise it compiles, here for Hopper (sm_90) only to keep that short.
-if [ -z "${SKIP_CAUSAL_CONV1D:-}" ]; then
-  run env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} $pip_install "$causal_conv1d"
+# one exists; otherwise it compiles for every GPU generation its CUDA knows (its own -gencode list, which
+# TORCH_CUDA_ARCH_LIST does not change). CONV1D_SDIST=causal_conv1d-VERSION.tar.gz (offline, or no matching
+# wheel) builds that source for Hopper (sm_90) only, its -gencode list cut to that one.
+if [ -n "${CONV1D_SDIST:-}" ] && [ -z "${SKIP_CAUSAL_CONV1D:-}" ]; then
+  src=$(mktemp -d)
+  trap 'rm -rf "$src"' EXIT
+  run tar xzf "$CONV1D_SDIST" -C "$src" --strip-components=1
+  run python3 - "$src/setup.py" <<'PY'
+import sys
+path, mark = sys.argv[1], "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
+text = open(path).read()
+if text.count(mark) != 1:
+    sys.exit(f"install_gpu.sh: {path} has no single '{mark.strip()}' line to put the sm_90-only list before")
+open(path, "w").write(text.replace(mark, '    cc_flag = ["-gencode", "arch=compute_90,code=sm_90"]\n' + mark))
+PY
+  run env CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} $pip_install --no-deps "$src"
+elif [ -z "${SKIP_CAUSAL_CONV1D:-}" ]; then
+  run env MAX_JOBS=${MAX_JOBS:-16} $pip_install "$causal_conv1d"
 fi
 
 # FlashAttention 3 (flash_attn_interface): the community wheels the challenge's records install.
