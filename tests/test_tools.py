@@ -91,6 +91,56 @@ def test_side_by_side_refuses_bad_input_before_starting_anything(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def queue(tmp_path, *args, runner=None):
+    """tools/proxy_queue.sh with a stub runner (written when given: the queue's worker reads it later)."""
+    tmp_path.mkdir(exist_ok=True)
+    if runner is not None:
+        (tmp_path / "runner.sh").write_text(runner)
+    env = dict(os.environ, PROXY_RUNNER=str(tmp_path / "runner.sh"), PROXY_QUEUE_DIR=str(tmp_path / "queue"),
+               OUT=str(tmp_path / "out"), MAX_WALLCLOCK_SECONDS="150")
+    script = Path(__file__).resolve().parents[1] / "tools" / "proxy_queue.sh"
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+# the stub runner, slowed, and logging when each run starts and ends
+ORDERED_RUNNER = 'echo "start $RUN_ID" >> "$OUT/../order"; sleep 1\n' + STUB_RUNNER + 'echo "end $RUN_ID" >> "$OUT/../order"\n'
+
+
+def test_queue_runs_one_after_another_detached_and_wait_brings_them_back(tmp_path):
+    r = queue(tmp_path, "hybrid-default", "attention-only SEED=42 MAMBA_LAYERS=", "crashed", runner=ORDERED_RUNNER)
+    assert r.returncode == 0 and "queue: started 3 runs" in r.stdout, r.stderr
+    again = queue(tmp_path, "other")  # one queue at a time
+    assert again.returncode == 2 and "a queue is still running" in again.stderr
+    r = queue(tmp_path, "wait", "30")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "queue: done", r.stdout
+    order = (tmp_path / "queue" / "order").read_text().split("\n")
+    assert order[:4] == ["start hybrid-default-seed1337", "end hybrid-default-seed1337",
+                         "start attention-only-seed42", "end attention-only-seed42"]  # never two at once
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    assert set(runs) == {"hybrid-default-seed1337", "attention-only-seed42"}
+    b = runs["attention-only-seed42"]
+    assert (b["SEED"], b["MAMBA_LAYERS"], b["CUDA_VISIBLE_DEVICES"], b["MAX_WALLCLOCK_SECONDS"]) == ("42", "", None, "150")
+    assert "hybrid-default-seed1337: steps 10 step_ms 1.5" in r.stdout and "crashed-seed1337: no summary" in r.stdout
+    assert [p.name for p in (tmp_path / "out").glob("*.console")] == ["crashed-seed1337.console"]
+
+
+def test_queue_wait_reports_a_run_still_going_and_refuses_bad_input(tmp_path):
+    r = queue(tmp_path, "slow", runner="sleep 4\n" + STUB_RUNNER)
+    assert r.returncode == 0, r.stderr
+    r = queue(tmp_path, "wait", "1")
+    assert "slow-seed1337: running" in r.stdout and r.stdout.splitlines()[-1] == "queue: still running; wait again"
+    for args, message in ((("NUM_LAYERS=7",), "must start with a label"), (("a x",), "'x' in 'a x' is not a VAR=value"),
+                          (("a", "a SEED=1337"), "two runs would share a RUN_ID: a-seed1337"),
+                          (("wait", "soon"), "wait takes seconds")):
+        bad = queue(tmp_path / "fresh", *args, runner=STUB_RUNNER)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+        assert not (tmp_path / "fresh" / "queue").exists()
+    r = queue(tmp_path / "fresh", "wait", "1")
+    assert r.returncode == 1 and "no queue on this machine" in r.stderr
+    assert queue(tmp_path, "wait", "30").stdout.splitlines()[-2:] == [  # and none left running after the test
+        "slow-seed1337: steps 10 step_ms 1.5 prequant 1.2000 roundtrip 1.2100 val_bpb 1.1900 artifact 123", "queue: done"]
+
+
 # ---- tools/install_gpu.sh: the kernel pins come from requirements.txt ------------------------------
 
 def install_gpu(folder, **env):

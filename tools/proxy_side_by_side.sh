@@ -10,6 +10,7 @@
 # A run's console output (installs, tokenizing, the log again) lands in $OUT/<RUN_ID>.console only when it left
 # no summary: the device tool returns 8 files a command, and four runs' consoles once crowded out a summary.
 set -uo pipefail
+source "$(dirname "$0")/proxy_specs.sh"
 runner=${PROXY_RUNNER:-.bench/run_proxy.sh}
 timeout_s=${PROXY_TIMEOUT:-540}
 out=${OUT:-/tmp/proxy_out}
@@ -20,44 +21,22 @@ fi
 if [ $# -gt "$gpus" ]; then
   echo "error: $# runs but $gpus GPUs: one run per GPU" >&2; exit 2
 fi
-for spec in "$@"; do
-  read -r -a words <<< "$spec"
-  if [[ ${#words[@]} -eq 0 || ${words[0]} == *=* ]]; then
-    echo "error: '$spec' must start with a label, e.g. 'attention-only MAMBA_LAYERS= NUM_LAYERS=7'" >&2; exit 2
-  fi
-  for w in "${words[@]:1}"; do
-    if [[ $w != [A-Z]*=* ]]; then
-      echo "error: '$w' in '$spec' is not a VAR=value setting" >&2; exit 2
-    fi
-  done
-done
+check_specs "$@"
 mkdir -p "$out"
 consoles=$(mktemp -d)
 trap 'rm -rf "$consoles"' EXIT  # the consoles that matter are copied to $out
 gpu=0
 ids=()
 for spec in "$@"; do
-  read -r -a words <<< "$spec"
-  seed=1337
-  for w in "${words[@]:1}"; do [[ $w == SEED=* ]] && seed=${w#SEED=}; done
-  id="${words[0]}-seed$seed"
+  id=$(spec_id "$spec")
   ids+=("$id")
-  env "${words[@]:1}" SEED="$seed" NGPU=1 CUDA_VISIBLE_DEVICES=$gpu RUN_ID="$id" OUT="$out" \
+  mapfile -t settings < <(spec_settings "$spec")
+  env "${settings[@]}" SEED="$(spec_seed "$spec")" NGPU=1 CUDA_VISIBLE_DEVICES=$gpu RUN_ID="$id" OUT="$out" \
     timeout "$timeout_s" bash "$runner" > "$consoles/$id.console" 2>&1 &
   gpu=$((gpu + 1))
 done
 wait
 for id in "${ids[@]}"; do
   [ -s "$out/$id.json" ] || cp "$consoles/$id.console" "$out/"
-  python3 - "$out/$id.json" "$id" <<'EOF'
-import json, sys
-path, run_id = sys.argv[1], sys.argv[2]
-try:
-    s = json.load(open(path))
-except (OSError, ValueError):
-    print(f"{run_id}: no summary (see {path[:-5]}.log and .console)")
-    sys.exit(0)
-print(f"{run_id}: steps {s['steps']} step_ms {s['step_ms']} prequant {s['val_bpb_prequant']:.4f} "
-      f"roundtrip {s['val_bpb_roundtrip']:.4f} val_bpb {s['val_bpb']:.4f} artifact {s['artifact_bytes']:,}")
-EOF
+  summary_line "$out/$id.json" "$id"
 done

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Proxy runs one after another on the GPU machine, detached: each starts the moment the one before ends,
+# whenever the calls that collect them come (the device machine is given back 30 s after a command ends,
+# so a chain of single runs loses a run to one late call). Run from the project root with .bench carried:
+#   bash tools/proxy_queue.sh 'hybrid-0-1-10 MAMBA_LAYERS=0,1,10' 'hybrid-lr04 MAMBA_MATRIX_LR=0.04'
+#   bash tools/proxy_queue.sh wait 560     # then again, within 30 s, until it prints "queue: done"
+# Each argument is a label, then that run's settings (SEED defaults to 1337; RUN_ID <label>-seed<SEED>);
+# settings for all come from the environment. Every run uses all the machine's GPUs and stops after
+# PROXY_TIMEOUT seconds (default 1500). `wait SECONDS` returns when the queue is done or after SECONDS,
+# with each finished run's .log and .json (.console too when it left no summary) in $OUT, a line per
+# run, and the last lines of the one running. One queue at a time per machine.
+set -uo pipefail
+source "$(dirname "$0")/proxy_specs.sh"
+runner=${PROXY_RUNNER:-.bench/run_proxy.sh}
+queue=${PROXY_QUEUE_DIR:-/tmp/proxy_queue}
+out=${OUT:-/tmp/proxy_out}
+
+if [ "${1:-}" = wait ]; then
+  seconds=${2:-540}
+  [[ $seconds =~ ^[0-9]+$ ]] || { echo "error: wait takes seconds, got '$seconds'" >&2; exit 2; }
+  [ -f "$queue/ids" ] || { echo "error: no queue on this machine ($queue): started on another, or the machine was replaced" >&2; exit 1; }
+  end=$(( $(date +%s) + seconds ))
+  while [ "$(date +%s)" -lt "$end" ] && [ ! -f "$queue/done" ]; do sleep 1; done
+  mkdir -p "$out"
+  while read -r id; do
+    if [ -f "$queue/$id.finished" ]; then
+      cp "$queue/out/$id".* "$out/" 2>/dev/null
+      [ -s "$queue/out/$id.json" ] || cp "$queue/$id.console" "$out/"
+      summary_line "$queue/out/$id.json" "$id"
+    elif [ -f "$queue/$id.console" ]; then
+      echo "$id: running"; tail -n 3 "$queue/$id.console" | cut -c1-300
+    else
+      echo "$id: waiting"
+    fi
+  done < "$queue/ids"
+  if [ -f "$queue/done" ]; then echo "queue: done"; else echo "queue: still running; wait again"; fi
+  exit 0
+fi
+
+if [ "${1:-}" = __worker ]; then  # the detached part: the runs in order, then the mark that all ended
+  shift
+  for spec in "$@"; do
+    id=$(spec_id "$spec")
+    mapfile -t settings < <(spec_settings "$spec")
+    env "${settings[@]}" SEED="$(spec_seed "$spec")" RUN_ID="$id" OUT="$queue/out" \
+      timeout "${PROXY_TIMEOUT:-1500}" bash "$runner" > "$queue/$id.console" 2>&1
+    touch "$queue/$id.finished"
+  done
+  touch "$queue/done"
+  exit 0
+fi
+
+if [ $# -eq 0 ]; then
+  echo "usage: $0 'LABEL [VAR=value ...]' ... (run one after another), or: $0 wait SECONDS" >&2; exit 2
+fi
+check_specs "$@"
+if [ -f "$queue/ids" ] && [ ! -f "$queue/done" ]; then
+  echo "error: a queue is still running on this machine ($queue): wait for it (bash $0 wait SECONDS)" >&2; exit 2
+fi
+ids=$(for spec in "$@"; do spec_id "$spec"; done)
+if [ "$(sort <<< "$ids" | uniq -d)" ]; then
+  echo "error: two runs would share a RUN_ID: $(sort <<< "$ids" | uniq -d | tr '\n' ' ')" >&2; exit 2
+fi
+rm -rf "$queue"; mkdir -p "$queue/out"
+echo "$ids" > "$queue/ids"
+setsid nohup bash "$0" __worker "$@" > "$queue/worker.console" 2>&1 < /dev/null &
+echo "queue: started $(wc -l < "$queue/ids") runs: $(tr '\n' ' ' < "$queue/ids")"
