@@ -34,8 +34,7 @@ DATA_PATH_NAME = re.compile(r"(?:^|/)fineweb\w*_sp(\d+)$")
 
 DOWNLOAD_HINT = ("MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py "
                  "--variant sp8192 --train-shards 128")
-# attention only in the last layer, as in the 7-layer proxy search (docs/); on the 11-layer record stack the
-# hybrid issue decides which layers earn a Mamba-2 block
+# Mamba-2 everywhere but the last layer, which keeps attention (docs/ has the search behind it)
 DEFAULT_MAMBA_LAYERS = "0,1,2,3,4,5,6,7,8,9"
 # SMOKE swaps in these defaults (a user's env still wins) so the whole pipeline runs in minutes on a CPU.
 SMOKE_DEFAULTS = dict(
@@ -46,8 +45,7 @@ SMOKE_DEFAULTS = dict(
     ITERATIONS=300, WARMDOWN_FRAC=0.33, WARMUP_STEPS=0, LR_WARMUP_STEPS=10, VAL_BATCH_SIZE=16384,
     VAL_LOSS_EVERY=50, TRAIN_LOG_EVERY=5, MAX_WALLCLOCK_SECONDS=90, MATRIX_LR=0.02, MAMBA_MATRIX_LR=0.02,
     SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=100, GPTQ_CALIB_TOKENS=16384,
-    GPTQ_RESERVE_SECONDS=5,
-    EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
+    GPTQ_RESERVE_SECONDS=5, EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
 # knobs that no longer exist, with what replaced them: setting one is an error, not silently ignored
 RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC, the warmdown's fraction of training (default 0.72)"}
 
@@ -68,13 +66,10 @@ class Hyperparameters:
         self.compile = self._int("COMPILE", 1, 0, 2)  # on CUDA: 0 eager, 1 whole model, 2 each block
         self.fast_kernels = self._flag("FAST_KERNELS", 1)  # 0: PyTorch fallbacks even where the GPU libraries import
         self.require_fast_kernels = self._flag("REQUIRE_FAST_KERNELS", 0)  # 1: a missing kernel is an error
-        # 1: train on a machine without CUDA anyway; else only SMOKE and DRY_RUN run there (issue 16: the default
-        # run on a CPU was OOM-killed after 106 s without a word)
-        self.allow_cpu = self._flag("ALLOW_CPU", 0)
+        self.allow_cpu = self._flag("ALLOW_CPU", 0)  # 1: train without CUDA anyway (else only SMOKE, DRY_RUN)
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
-        # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training, measured by the wall
-        # clock under MAX_WALLCLOCK_SECONDS, else by steps of ITERATIONS
+        # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training (wall clock or steps)
         self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.72, 0.0, 1.0)
         self.min_lr = self._float("MIN_LR", 0.0, 0.0, 1.0)
         self.warmup_steps = self._int("WARMUP_STEPS", 20, 0, 1000)  # compile warm-up, then weights reset
@@ -100,8 +95,7 @@ class Hyperparameters:
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
         self.skip_gates = self._flag("SKIP_GATES", 1)  # 1: U-Net skips mixed in by learned sigmoid gates
-        # 1: each token's embedding takes in the previous token's, gated by its own leading dims, never across a
-        # document start (the later records' SmearGate with its BOS fix); starts as the identity
+        # 1: each token's embedding takes in the previous token's, gated, never across a document start (SmearGate)
         self.smear_gate = self._flag("SMEAR_GATE", 0)
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
@@ -110,11 +104,10 @@ class Hyperparameters:
         self.mamba_expand = self._float("MAMBA_EXPAND", 1.0, 0.25, 8.0)
         self.mamba_headdim = self._int("MAMBA_HEADDIM", 64, 1, 1024)
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
-        self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)  # Triton SSD: 4.3 vs 5.8 ms at 128 (README)
+        self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)
         self.mamba_mlp = self._flag("MAMBA_MLP", 1)
-        # depth recurrence: these consecutive layers run RECUR_LOOPS more times right after their first pass
-        # (depth for no bytes), from RECUR_START_FRAC of training on (by the same clock as the warmdown) and in
-        # every evaluation; the U-Net's halves and skips are over the resulting sequence of layers
+        # depth recurrence (depth for no bytes): these consecutive layers run RECUR_LOOPS more times right after
+        # their first pass, from RECUR_START_FRAC of training on and in every evaluation
         self.recur_layers = self._layers("RECUR_LAYERS", "3,4,5")
         self.recur_loops = self._int("RECUR_LOOPS", 2, 1, 16)
         self.recur_start_frac = self._float("RECUR_START_FRAC", 0.35, 0.0, 1.0)
@@ -131,8 +124,7 @@ class Hyperparameters:
         self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
         self.muon_momentum = self._float("MUON_MOMENTUM", 0.99, 0.0, 0.9999)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
-        # Newton-Schulz coefficients: "quintic" (one fixed (a, b, c), the 2026-04-09 record's) or "polar-express"
-        # (per-step coefficients of Amsel et al. 2025, arXiv 2505.16932, as in the later records)
+        # Newton-Schulz coefficients: one fixed quintic, or Polar Express's per-step ones (arXiv 2505.16932)
         self.muon_ns = self._choice("MUON_NS", "quintic", ("quintic", "polar-express"))
         self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: each row of the update to unit norm before orthogonalizing
         self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.92, 0.0, 0.9999)
@@ -140,9 +132,8 @@ class Hyperparameters:
         self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
         self.beta2 = self._float("BETA2", 0.95, 0.0, 0.99999)
         self.adam_eps = self._float("ADAM_EPS", 1e-8, 1e-12, 1e-2)
-        # decoupled weight decay (p -= lr * wd * p): Muon's matrices; the embedding tables; Adam's block and skip
-        # controls. Mamba's SSM parameters (A_log, dt_bias, D, conv) and an untied head are never decayed: a pull
-        # toward 0 there changes memory lengths, not just scale
+        # decoupled weight decay (p -= lr * wd * p). Mamba's SSM parameters and an untied head are never decayed:
+        # a pull toward 0 there changes memory lengths, not just scale
         self.muon_wd = self._float("MUON_WD", 0.095, 0.0, 1.0)
         self.embed_wd = self._float("EMBED_WD", 0.085, 0.0, 1.0)
         self.adam_wd = self._float("ADAM_WD", 0.02, 0.0, 1.0)
@@ -153,8 +144,7 @@ class Hyperparameters:
         self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 1_048_576, 0, 2**28)  # per rank; 0: RTN
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 12.0, 0.0, 3600.0)
         self.gptq_clip_search = self._flag("GPTQ_CLIP_SEARCH", 1)  # also try clipped scales, keep the better
-        # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (int6: 12.85 gives 0.41-std bins, about
-        # 3.5 bits a value against 5.5 at the default max-abs step): fewer bytes for more error. 0: max |w| / qmax
+        # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (fewer bytes, more error); 0: max |w| / qmax
         self.quant_sigmas = self._float("QUANT_SIGMAS", 12.85, 0.0, 100.0)
         self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 20.0, 0.0, 1000.0)  # the same for the int8 tables
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
@@ -232,8 +222,7 @@ class Hyperparameters:
         return self._env.get(name) is not None
 
     def _fit_layer_defaults(self):
-        """Defaults that name layers are for the default depth: with another NUM_LAYERS, a default (never a
-        user's value) keeps the layers that exist, and says so."""
+        """With another NUM_LAYERS, a default layer list (never a user's) keeps the layers that exist, and says so."""
         for name in ("MAMBA_LAYERS", "RECUR_LAYERS"):
             layers = getattr(self, name.lower())
             kept = [i for i in layers if i < self.num_layers]
@@ -247,8 +236,7 @@ class Hyperparameters:
             self.parallel_from = self.resolved["PARALLEL_FROM"] = 0
 
     def _cross_checks(self):
-        """Checks between knobs, each only where the knobs it reads are valid on their own (NUM_LAYERS=0 is
-        one problem, not also every layer index past it); each message names a value that works."""
+        """Checks between knobs, each only where the knobs it reads are valid; each message names a value that works."""
         e = self._errors.append
         n = self.num_layers
         if self.is_valid("NUM_LAYERS"):
@@ -285,9 +273,7 @@ class Hyperparameters:
             self._vocab_name_checks()
 
     def _vocab_name_checks(self):
-        """The challenge's files are named for their vocabulary (fineweb_8192_bpe.model, fineweb10B_sp8192): a
-        VOCAB_SIZE the names disagree with is caught before anything loads; main() checks the tokenizer's real
-        size once it is loaded."""
+        """A VOCAB_SIZE that the challenge's file names (fineweb_8192_bpe.model, fineweb10B_sp8192) disagree with."""
         v, tok, data = self.vocab_size, self.tokenizer_path, self.data_path.rstrip("/")
         named = {}  # knob -> (the size its name says, the path it would have for VOCAB_SIZE)
         if m := TOKENIZER_NAME.search(tok):
@@ -305,9 +291,8 @@ class Hyperparameters:
                                 f"tokens: try {', or '.join(fixes)}")
 
     def _shape_checks(self):
-        """MODEL_DIM, the head counts and Mamba's shape must divide into each other. A broken rule is blamed on
-        the first of its knobs the user set (a default is not the mistake); each blamed knob gets one line, with
-        its nearest values that pass every rule, the other knobs as they are."""
+        """MODEL_DIM, the head counts and Mamba's shape must divide into each other. A broken rule is blamed on the
+        first of its knobs the user set, one line a knob, with its nearest values that pass every rule."""
         names = ("MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "MAMBA_EXPAND", "MAMBA_HEADDIM", "MAMBA_NGROUPS")
         now = {k: self.resolved[k] for k in names}
         head_dim = lambda v: v["MODEL_DIM"] // v["NUM_HEADS"]
@@ -386,8 +371,7 @@ class Hyperparameters:
         return problems
 
     def machine_problems(self, cuda):
-        """A run sized for GPUs on a machine without CUDA stops here (issue 16: the default configuration on a CPU
-        took 24 GB and was killed by the kernel after 106 s, without a word)."""
+        """A run sized for GPUs on a machine without CUDA stops here (else the kernel kills it, without a word)."""
         if cuda or not self.is_valid("SMOKE", "DRY_RUN", "ALLOW_CPU") or self.smoke or self.dry_run or self.allow_cpu:
             return []
         return ["no CUDA GPU on this machine, and this run is sized for GPUs: SMOKE=1 runs the whole pipeline small "
@@ -433,9 +417,8 @@ def load_data_shard(path) -> Tensor:
 
 
 def data_problems(hp):
-    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them: the shards
-    there at all (DATA_PATH), the tokenizer (TOKENIZER_PATH, its size against VOCAB_SIZE), then every shard's
-    header and size and the validation split's length. Cheap: headers only; the tokenizer is loaded once."""
+    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them: the shards, the
+    tokenizer (and its size against VOCAB_SIZE), every shard's header and the validation split's length."""
     problems, where = [], f"DATA_PATH={hp.data_path}"
     files = {split: sorted(glob.glob(os.path.join(hp.data_path, f"fineweb_{split}_*.bin"))) for split in ("train", "val")}
     if not os.path.isdir(hp.data_path):
@@ -576,12 +559,10 @@ def causal_conv1d_torch(x, weight, bias):
 
 
 def causal_conv1d(x, weight, bias):
-    """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,).
-    The fallback is shift-and-add, not F.conv1d: the (B, L, C) layout needs no transposes and compiles
-    into one fused kernel."""
+    """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,). The fallback is
+    shift-and-add, not F.conv1d: the (B, L, C) layout needs no transposes and compiles into one fused kernel."""
     if KERNELS["causal_conv1d"] is not None and x.is_cuda:
-        # the CUDA kernel takes (B, C, L) in its channel-last layout: a transposed view of a contiguous
-        # (B, L, C); x itself is a slice of in_proj's output, hence the copy
+        # the kernel's channel-last (B, C, L) is a transposed view of a contiguous (B, L, C); x is a slice: copied
         return KERNELS["causal_conv1d"](x.contiguous().transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
                                         activation="silu").transpose(1, 2)
     return causal_conv1d_torch(x, weight, bias)
@@ -615,8 +596,7 @@ def import_without_package_init(package, module):
 def load_fast_kernels():
     """{call site: (implementation, name) or (None, why not)} for the GPU libraries that import here."""
     found = {}
-    # mamba_ssm's kernels autotune per shape and dtype (minutes on a fresh GPU): keep the choices in Triton's
-    # disk cache so a second run on the machine skips them. Read when the kernels are defined, so set first.
+    # mamba_ssm's kernels autotune per shape (minutes): Triton's disk cache keeps the choices. Set before import
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         ssd = import_without_package_init("mamba_ssm", "ops.triton.ssd_combined")
@@ -837,9 +817,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: a mixer (attention or Mamba-2), then an MLP. `parallel`: both read the same
-    input (x + mixer(x) + mlp(x)). Block i's normalized inputs are scaled by 1/sqrt(i+1) under LN_SCALE, so
-    deeper blocks write smaller updates; a block that runs several times (RECUR_LAYERS) keeps its factor."""
+    """Pre-norm residual block: a mixer (attention or Mamba-2), then an MLP; `parallel`: x + mixer(x) + mlp(x).
+    Under LN_SCALE block i's normalized inputs are scaled by 1/sqrt(i+1), so deeper blocks write smaller updates."""
 
     def __init__(self, hp, index, is_mamba):
         super().__init__()
@@ -952,10 +931,8 @@ class HybridGPT(nn.Module):
             if i in skip_map:
                 j = i - self.num_encoder
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                if self.skip_gates is None:
-                    x = x + skip
-                else:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+                gates = self.skip_gates
+                x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[j]).to(x.dtype))
             x = self.blocks[layer](x, x0)
             if i < self.num_encoder:
                 skips.append(x)
@@ -1069,27 +1046,22 @@ class Muon(torch.optim.Optimizer):
 MAMBA_SSM_PARAMS = ("A_log", "dt_bias", "D", "conv_weight", "conv_bias", "norm_weight")
 
 
-def optimizer_groups(model):
-    """{group: [(name, parameter)]}: every parameter in exactly one group."""
-    groups = {g: [] for g in ("matrices", "mamba_matrices", "embeddings", "head", "controls", "ssm")}
-    for name, p in model.named_parameters():
-        if name.startswith("tok_emb.") or name.startswith("bigram.embed."):
-            group = "embeddings"
-        elif name.startswith("lm_head."):
-            group = "head"
-        elif p.ndim == 2 and name.endswith(".weight"):
-            group = "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
-        elif name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS:
-            group = "ssm"
-        else:  # per-channel gains and mixes, q gains, skip weights and gates
-            group = "controls"
-        groups[group].append((name, p))
-    return groups
+def param_group(name, p):
+    if name.startswith(("tok_emb.", "bigram.embed.")):
+        return "embeddings"
+    if name.startswith("lm_head."):
+        return "head"
+    if p.ndim == 2 and name.endswith(".weight"):
+        return "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
+    # controls: per-channel gains and mixes, q gains, skip weights and gates
+    return "ssm" if name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS else "controls"
 
 
 def build_optimizers(model, hp):
     """Muon for the matrices, Adam for the rest; each group's base_lr is scaled by the schedule."""
-    g = {k: [p for _, p in v] for k, v in optimizer_groups(model).items()}
+    g = {k: [] for k in ("matrices", "mamba_matrices", "embeddings", "head", "controls", "ssm")}
+    for name, p in model.named_parameters():
+        g[param_group(name, p)].append(p)
     muon_groups = [dict(params=ps, lr=lr, base_lr=lr) for ps, lr in
                    ((g["matrices"], hp.matrix_lr), (g["mamba_matrices"], hp.mamba_matrix_lr)) if ps]
     embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
@@ -1126,8 +1098,8 @@ def lr_scale(step, frac, hp):
 
 
 class EMA:
-    """Exponential moving average of the weights. The decay ramps up as (1 + t) / (10 + t) so a short run
-    is not dominated by its random initial weights (at 0.997, they would still weigh 22% after 500 steps)."""
+    """Exponential moving average of the weights; the decay ramps up as (1 + t) / (10 + t) so that a short run is
+    not dominated by its random initial weights."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -1150,10 +1122,8 @@ def autocast(device):
 
 
 def average_gradients(params, ctx):
-    """Every rank's gradients replaced by their mean over ranks, in one all-reduce (a missing gradient
-    counts as zeros, so a rank with nothing to learn from still joins). Used instead of DDP: DDP makes
-    torch.compile split the model into one graph per gradient bucket, more compile time and less fusion,
-    to overlap an all-reduce that takes about a millisecond here."""
+    """Every rank's gradients replaced by their mean, in one all-reduce (a missing gradient counts as zeros). Not
+    DDP: it makes torch.compile split the model into a graph per gradient bucket, to overlap a ~1 ms all-reduce."""
     for p in params:  # on one rank too, so that a step without data does the same everywhere
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -1166,8 +1136,7 @@ def average_gradients(params, ctx):
 
 
 def train_step(model, opts, loader, hp, ctx, step, lr_mult):
-    """One optimizer step over GRAD_ACCUM_STEPS micro-batches at lr_mult x each group's base LR; returns the
-    mean train loss (float)."""
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches at lr_mult x each group's base LR -> mean loss."""
     local_tokens = hp.train_batch_tokens // (ctx.world_size * hp.grad_accum_steps)
     total = torch.zeros((), device=ctx.device)
     for micro in range(hp.grad_accum_steps):
@@ -1193,12 +1162,6 @@ def train_step(model, opts, loader, hp, ctx, step, lr_mult):
     return total.item()
 
 
-def check_finite(loss, step, last_finite):
-    if not math.isfinite(loss):
-        last = "none yet" if last_finite is None else f"{last_finite[1]:.4f} at step {last_finite[0]}"
-        raise NonFiniteLoss(f"non-finite train loss {loss} at step {step}; last finite loss: {last}. "
-                            "Lower the learning rates or raise GRAD_CLIP_NORM's strength.")
-
 class TrainClock:
     """Training wall clock that can be paused (validation and the pre-quantization eval do not count)."""
 
@@ -1218,9 +1181,8 @@ class TrainClock:
 
 
 def rank0_value(value, ctx):
-    """Rank 0's value of a number, on every rank: for decisions taken by the clock, which differs a little
-    from rank to rank. Different warmdown LRs would pull the replicas apart, a rank stopping a step early
-    would leave the others waiting in an all-reduce, and ranks must agree on which matrices get GPTQ."""
+    """Rank 0's value of a number, on every rank: decisions taken by the clock (LR, stopping, GPTQ's deadline)
+    must be the same everywhere, and each rank's clock differs a little."""
     if not ctx.distributed:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
@@ -1247,7 +1209,10 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
             base_model.looping = True
             log(f"recurrence on at step {step} ({frac:.0%} of training): {len(base_model.order)} layers as run")
         loss = train_step(model, opts, loader, hp, ctx, step, lr_scale(step, frac, hp))
-        check_finite(loss, step, last_finite)
+        if not math.isfinite(loss):
+            last = "none yet" if last_finite is None else f"{last_finite[1]:.4f} at step {last_finite[0]}"
+            raise NonFiniteLoss(f"non-finite train loss {loss} at step {step}; last finite loss: {last}. "
+                                "Lower the learning rates or raise GRAD_CLIP_NORM's strength.")
         last_finite = (step, loss)
         if ema is not None:
             ema.update(base_model)
@@ -1255,9 +1220,7 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
         if step % hp.train_log_every == 0 or step == 1:
             elapsed = clock.elapsed()
             step_s = elapsed / step
-            eta = (hp.iterations - step) * step_s
-            if cap > 0:
-                eta = min(eta, budget - elapsed)
+            eta = min((hp.iterations - step) * step_s, budget - elapsed if cap > 0 else math.inf)
             log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} step_ms:{1000 * step_s:.1f} "
                 f"tok/s:{hp.train_batch_tokens / step_s:,.0f} train_time:{elapsed:.0f}s eta:{max(eta, 0):.0f}s")
         if validate is not None and hp.val_loss_every and step % hp.val_loss_every == 0:
@@ -1275,7 +1238,7 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def quant_kind(name, p):
-    if name.startswith("tok_emb.") or name.startswith("bigram.embed.") or name.startswith("lm_head."):
+    if name.startswith(("tok_emb.", "bigram.embed.", "lm_head.")):
         return "int8"
     if p.ndim == 2 and name.endswith(".weight"):
         return "int6"
@@ -1283,9 +1246,8 @@ def quant_kind(name, p):
 
 
 def row_scales(w, qmax, sigmas=0.0):
-    """Per-row grid step: max |w| / qmax, so nothing clips; or with sigmas > 0, sigmas x the row's std / qmax,
-    a bin width chosen relative to the row's spread (values past qmax steps clip). Wider bins leave fewer
-    distinct values, which LZMA codes in fewer bits (about 2.05 - log2(bin / std) for Gaussian rows)."""
+    """Per-row grid step: max |w| / qmax, so nothing clips; or with sigmas > 0, sigmas x the row's std / qmax (values
+    past qmax steps clip): wider bins leave fewer distinct values, which LZMA codes in fewer bits."""
     spread = w.abs().amax(dim=-1)
     if sigmas:
         std = w.std(dim=-1)
@@ -1300,8 +1262,8 @@ def round_to_grid(w, scale, qmax):
 
 
 def hessian_row_errors(E, H):
-    """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error over the
-    calibration inputs whose x x^T sum to H. Batched over leading dimensions."""
+    """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error over the calibration inputs
+    whose x x^T sum to H. Batched over leading dimensions."""
     E = E.to(H.device)
     return ((E @ H) * E).sum(dim=-1)
 
@@ -1312,9 +1274,8 @@ def quantize_rtn(w, qmax, sigmas=0.0):
 
 
 def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
-    """Per row, the scale of a clipped range (ratio x max |w|) whose round-to-nearest error, weighted by the
-    Hessian (the layer's summed squared output error), is least. Ratio 1 is a candidate, so no row gets
-    worse than the unclipped scale; clipping trades rare large weights for a finer grid for the rest."""
+    """Per row, the scale of a clipped range (ratio x max |w|) whose Hessian-weighted round-to-nearest error is least
+    (ratio 1 included): clipping trades rare large weights for a finer grid for the rest."""
     amax = W.abs().amax(dim=-1)
     best_err = best_scale = None
     for ratio in ratios:
@@ -1339,11 +1300,8 @@ def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, si
     quantize columns one at a time (largest Hessian diagonal first), pushing each column's rounding error
     onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor. One column loop for
     the whole stack: the loop is launch-bound, so n matrices cost about what one does.
-    With clip, GPTQ runs on both the full-range scales and clip_scales' and keeps, per matrix, whichever
-    leaves the smaller Hessian-weighted error: on a trained model (tools/quant_study.py), clipped scales alone
-    cost +3.9% at int6, while keeping the better of the two saved 0.4-0.5% at int6, 3.4-3.7% at int5, 14-15%
-    at int4. With sigmas > 0 the step is fixed by the row's std (row_scales) and there is no search: the
-    step is what sets the bytes."""
+    With clip, GPTQ runs on both the full-range and clip_scales' scales and keeps, per matrix, the one with the
+    smaller Hessian-weighted error. With sigmas > 0 the step is fixed by the row's std: no search."""
     H = H.float().clone()
     W = W.float().to(H.device).clone()
     n, rows, cols = W.shape
@@ -1443,10 +1401,9 @@ def quantize_matrix(w, H, kind, clip=True, sigmas=0.0):
 
 
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
-    """-> {name: (kind, q, scale)}: int6 via GPTQ where a Hessian exists (RTN past the deadline), int8 for
-    the tables (GPTQ for the tied embedding when its Hessian was collected, else round-to-nearest), float
-    (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids' steps (row_scales) for
-    the matrices and for the tables. Same-shape matrices with Hessians go through GPTQ as one batch."""
+    """-> {name: (kind, q, scale)}: int6 matrices and int8 tables, by GPTQ where a Hessian exists (RTN without one,
+    or past the deadline), float (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids'
+    steps (row_scales) for matrices and tables. Same-shape matrices go through GPTQ as one batch."""
     state = {n: p.detach().float().cpu() for n, p in model.state_dict().items()}
     out, batches, late = {}, {}, 0
     for name, p in model.state_dict().items():
@@ -1475,18 +1432,15 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
     return {name: out[name] for name in state}
 
 
-# lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost;
-# 0.2-0.3% smaller than preset 9's defaults on a trained model (zlib: +4.8%, bz2: +6.0%; tools/quant_study.py).
-# The fp16 scales and fp32 tensors get their field widths as position bits, in streams of their own
-# (interleaved, the CPU study's artifact was 0.8% larger at max-abs steps, 5.5% at QUANT_SIGMAS=12.85)
+# lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost.
+# The fp16 scales and tensors, in streams of their own, get their field width as position bits
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
 PART_FILTERS = {"header": LZMA_FILTERS, "values": LZMA_FILTERS, "scales": [dict(LZMA_FILTERS[0], lp=1)],
                 "floats": [dict(LZMA_FILTERS[0], lp=1)]}
 PART_WIDTH = {"header": 1, "values": 1, "scales": 2, "floats": 2}  # bytes per element
 ARTIFACT_MAGIC = b"PGQ3"
 CODECS = ("xz", "brotli", "brotli-shuffled")  # shuffled: byte k of every element together (fields compress apart)
-# parts are coded in 4 MiB chunks, all at once in threads: brotli's quality 11 took 230 s on the record stack's
-# 32 MB of values in one piece; chunks of near-iid values compress as well (-0.01% on t-distributed test data)
+# parts are coded in 4 MiB chunks, all at once in threads (brotli is slow on one large piece; chunks compress as well)
 CHUNK_BYTES = 2**22
 
 
@@ -1521,18 +1475,15 @@ def decompress_part(codec, payload, part):
 
 
 def serialize(quantized):
-    """The artifact: magic, the SHA-256 of the rest, then four parts, each ( uint32 chunk count | per chunk:
-    codec byte | uint32 length | payload ): the JSON header, the integer values (one byte each), the fp16 row
-    scales, the fp16 tensors, the last three in the header's tensor order. Each chunk has the codec that made
-    it smallest."""
+    """The artifact: magic, the SHA-256 of the rest, then four parts, each ( uint32 chunk count | per chunk: codec
+    byte | uint32 length | payload ): the JSON header, the integer values (one byte each), the fp16 row scales,
+    the fp16 tensors, the last three in the header's tensor order. Each chunk gets its smallest codec."""
     entries, parts = [], {"values": [], "scales": [], "floats": []}
     for name, (kind, q, s) in quantized.items():
         entries.append(dict(name=name, kind=kind, shape=list(q.shape)))
-        if kind == "float":  # gains, mixes and SSM controls: fp16 is their precision in the record's artifact too
+        if kind == "float":  # gains, mixes and SSM controls
             parts["floats"].append(q.numpy().astype("<f2").tobytes())
-        else:
-            # one byte per int6 value: the compressors code the peaked value distribution better than 6-bit
-            # packing (measured 0.505 vs 0.574 bytes per value on Gaussian-like weights)
+        else:  # a byte per value: the compressors code the peaked distribution better than 6-bit packing
             parts["values"].append(q.numpy().astype(np.int8).tobytes())
             parts["scales"].append(s.numpy().astype("<f2").tobytes())
     data = {"header": json.dumps(entries).encode(), **{k: b"".join(v) for k, v in parts.items()}}
@@ -1613,11 +1564,10 @@ LOWER_KIND = {"int6": "int5", "int5": "int4"}
 
 
 def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, log=print, sigmas=0.0):
-    """The serialized model, at most limit_bytes. Over the cap, the least harmful means first: whole matrices
-    go down one bit width at a time (int6 -> int5 -> int4, not below QUANT_MIN_BITS), cheapest first, the
-    price of a step being its increase in Hessian-weighted error per byte saved (bytes from the values'
-    entropy, scaled to what LZMA achieved). Still over at QUANT_MIN_BITS: a loud stop. (Zeroing +-1 weights
-    instead was measured far worse: +33% to +215% Hessian-weighted error where lowering cost +7-8%.)"""
+    """The serialized model, at most limit_bytes. Over the cap, whole matrices go down one bit width at a time
+    (int6 -> int5 -> int4, not below QUANT_MIN_BITS), cheapest first: a step's price is its increase in
+    Hessian-weighted error per byte saved (bytes from the values' entropy, scaled to what LZMA achieved).
+    Still over at QUANT_MIN_BITS: a loud stop."""
     t0 = time.time()
     raw_mb = sum(q.numel() * (2 if kind == "float" else 1) for kind, q, _ in quantized.values()) / 1e6
     log(f"export: compressing {raw_mb:.1f} MB (xz and brotli each part; minutes at brotli's quality 11)")
@@ -1679,8 +1629,7 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
 def packed_source(code: bytes) -> bytes:
     """The train_gpt.py a submission holds, the code the challenge counts: a three-line program that sets
     READABLE_SOURCE_BYTES (how main() knows it runs packed) and execs this source, docstrings and comments
-    removed, from an LZMA + base85 string (26% of the readable bytes; docs/packing.md has the measurements).
-    Imports inside, so records/package.py can load this function alone, without torch."""
+    removed, from an LZMA + base85 string (docs/packing.md). Imports inside: records/package.py loads it alone."""
     import ast, base64, lzma
     tree = ast.parse(code)
     for node in ast.walk(tree):  # nothing reads __doc__
@@ -1692,8 +1641,7 @@ def packed_source(code: bytes) -> bytes:
     source = ast.unparse(tree)
     if ast.dump(ast.parse(source)) != ast.dump(tree):
         raise ValueError("ast.unparse did not reproduce the program; not packing it")
-    # LZMA1 in the .lzma container, which lzma.decompress detects by itself; lc=3 lp=pb=0 nice_len=64 was
-    # the smallest of the settings measured
+    # LZMA1 in the .lzma container, which lzma.decompress detects by itself; the smallest settings measured
     blob = lzma.compress(source.encode(), format=lzma.FORMAT_ALONE, filters=[dict(
         id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0, nice_len=64)])
     return (f"import lzma,base64\nREADABLE_SOURCE_BYTES={len(code)}\n"
@@ -1720,9 +1668,8 @@ def sliding_windows(lo, hi, seq_len, stride):
 
 
 def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
-    """Summed loss (nats), target count and byte count over this rank's share of the windows.
-    Every batch has exactly batch_seqs rows (the last is padded with unscored rows), so a compiled model
-    sees one shape. With `log`, rank 0 reports progress and an ETA about every tenth of the way."""
+    """Summed loss (nats), target count and byte count over this rank's share of the windows. Every batch has
+    batch_seqs rows (the last padded with unscored rows): a compiled model sees one shape."""
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     mine = windows[len(windows) * ctx.rank // ctx.world_size: len(windows) * (ctx.rank + 1) // ctx.world_size]
     starts = range(0, len(mine), batch_seqs)
@@ -1848,14 +1795,12 @@ class Context:
 
 
 def compile_model(model, mode):
-    """COMPILE=1: one graph for the whole model (most fusion). COMPILE=2: each block compiled on its own,
-    so the identical blocks share one compilation: on CPU, cold caches, the default model's first step took
-    70.6 s this way against 172.0 s whole (tools/compile_time.py); on the GPU not yet measured."""
+    """COMPILE=1: one graph for the whole model (most fusion). COMPILE=2: each block compiled on its own, so the
+    identical blocks share one compilation (a faster first step)."""
     if mode == 1:
         return torch.compile(model, dynamic=False)
     if mode == 2:
-        # one cache entry per block kind x shape x grad mode (training, scoring, TTT): more than dynamo's
-        # default of 8 when attention and Mamba blocks both train, score and adapt
+        # one cache entry per block kind x shape x grad mode (training, scoring, TTT): more than dynamo's 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         for block in model.blocks:
             block.compile(dynamic=False)
@@ -1863,8 +1808,8 @@ def compile_model(model, mode):
 
 
 def check_ranks_in_sync(model, ctx, log):
-    """Data-parallel training must leave every rank with the same weights; a silent divergence would make rank 0's export
-    differ from the model the other ranks evaluate. One float64 checksum per rank, compared."""
+    """Every rank must hold the same weights after training (rank 0 exports what all evaluate): one float64
+    checksum per rank, compared."""
     if not ctx.distributed:
         return
     with torch.no_grad():
@@ -1905,12 +1850,9 @@ def describe(hp, model, log, code_bytes):
     flt = report["total"] - int6 - int8
     cap = int(hp.target_mb * 1e6)
     rows = sum(p.size(0) for n, p in model.named_parameters() if quant_kind(n, p) in ("int6", "int8"))
-    # bits a value after compression. Max-abs grids (a step of about 3.3 stds / qmax): a Gaussian row's entropy
-    # on its grid, 2.05 - log2(step / std), plus 0.2 for heavier tails (0.738 bytes a parameter for the 7-layer
-    # hybrid, where 0.735 and 0.736 were measured on the proxy). Std-based grids (QUANT_SIGMAS): 2.10 - log2(step
-    # / std): the record stack's pure-attention proxy run had about 15.87 MB of values before fitting (16,028,196
-    # model bytes with fp32 floats; 15,743,127 after one matrix went to int5), this rule 15.87 MB.
-    # Row scales about a byte each after compression, the float tensors fp16. Trained weights vary: a guide
+    # bytes a value after compression, fitted on trained runs (a guide: trained weights vary): a Gaussian row's
+    # entropy on its grid, 2.05 - log2(step / std), + 0.2 for heavier tails at max-abs steps (about 3.3 stds / qmax);
+    # 2.10 - log2(step / std) at std-based ones. Row scales about a byte each, the float tensors fp16
     def value_bytes(qmax, sigmas):
         return (2.10 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
     expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
@@ -1930,8 +1872,7 @@ def smoke_corpus_maker():
 
 
 def make_smoke_corpus(root, vocab_size):
-    """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (a development
-    aid, not part of a submission's counted code)."""
+    """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (not counted code)."""
     path = smoke_corpus_maker()
     if not path.is_file():
         raise SystemExit(f"SMOKE=1 needs {path}: run it from the project, where data/ holds the corpus maker")
@@ -1950,9 +1891,8 @@ def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
 
 
 def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
-    """The compressed model, fit under TARGET_MB with the code counted, made and written by rank 0 alone. Returns
-    (path, artifact bytes including code). Compression and any lowering of bit widths run on the
-    Hessians already collected inside the training clock; their time is reported here, as export."""
+    """The compressed model, fit under TARGET_MB with the code counted, made and written by rank 0 alone ->
+    (path, artifact bytes including code)."""
     t0, cap = time.time(), int(hp.target_mb * 1e6)
     path, failure = f"logs/{hp.run_id}.artifact", None
     if ctx.is_main:  # one rank compresses: eight ranks at once would share the CPU cores eight ways
@@ -2129,16 +2069,13 @@ def main():
     # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
     if ema is not None:
         ema.copy_to(base_model)
-    # evaluation runs the compiled model too; every eval batch has one shape, so each of scoring and TTT's
-    # adapting compiles once
     log("prequant: scoring the weights before quantization (not timed)")
     t_pre = time.time()
     with clock.paused():
         prequant_loss, prequant_bpb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx,
                                                luts, log)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} ({time.time() - t_pre:.1f}s)")
-    # the tied embedding is the output head too: GPTQ on the head's Hessian took its val_bpb cost from
-    # +0.00135 to +0.00076 at QUANT_EMBED_SIGMAS=20, +0.3% bytes (tools/quant_study.py section 6)
+    # the tied embedding is the output head too: GPTQ on the head's Hessian (tools/quant_study.py)
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
     names += ["tok_emb.weight"] if base_model.lm_head is None else []
     hessians = {}
@@ -2170,8 +2107,7 @@ def main():
     eval_seconds = time.time() - t_eval
     summary = dict(
         **scores, val_bpb_prequant=prequant_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
-        code_sha256=code_sha256,
-        model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
+        code_sha256=code_sha256, model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
         train_seconds=round(train_seconds, 2), step_ms=round(step_ms, 2),
         train_tokens_per_s=round(hp.train_batch_tokens * step / max(train_loop_s, 1e-9)),
         eval_seconds=round(eval_seconds, 2),
