@@ -382,8 +382,7 @@ class Hyperparameters:
         problems = self.world_problems(world_size)
         if problems:
             raise ConfigError("\n".join(problems))
-        if self.grad_accum_steps == 0:
-            self.grad_accum_steps = max(1, 8 // world_size)
+        self.grad_accum_steps = self.grad_accum_steps or max(1, 8 // world_size)
         self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +416,7 @@ def load_data_shard(path) -> Tensor:
 
 
 def data_problems(hp):
-    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them: the shards, the
-    tokenizer (and its size against VOCAB_SIZE), every shard's header and the validation split's length."""
+    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them (headers only)."""
     problems, where = [], f"DATA_PATH={hp.data_path}"
     files = {split: sorted(glob.glob(os.path.join(hp.data_path, f"fineweb_{split}_*.bin"))) for split in ("train", "val")}
     if not os.path.isdir(hp.data_path):
@@ -622,8 +620,7 @@ FALLBACKS = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "at
 
 
 def configure_kernels(hp, device, log=print):
-    """Choose each kernel call site's implementation once, at startup, and say which. On CUDA a
-    missing fast kernel is a warning, or an error under REQUIRE_FAST_KERNELS=1."""
+    """Each call site's implementation, chosen once and logged; on CUDA a missing one warns (REQUIRE_FAST_KERNELS)."""
     use = hp.fast_kernels and device.type == "cuda"
     found = load_fast_kernels() if use else {site: (None, None) for site in FALLBACKS}
     KERNELS.update(causal_conv1d=found["causal_conv1d"][0], attention=found["attention"][0])
@@ -771,8 +768,7 @@ class Attention(nn.Module):
 
 
 class Mamba2(nn.Module):
-    """in_proj -> [z, x, B, C, dt]; causal conv over (x, B, C); SSD scan with a scalar A per head;
-    skip D; RMSNorm gated by z; out_proj."""
+    """in_proj -> [z, x, B, C, dt]; causal conv on (x, B, C); SSD scan (scalar A per head); skip D; z-gated RMSNorm."""
 
     def __init__(self, hp):
         super().__init__()
@@ -868,10 +864,9 @@ def layer_order(num_layers, recur_layers, loops):
 
 
 class HybridGPT(nn.Module):
-    """U-Net over layers: the first half's outputs feed the second half in reverse order through learned
-    per-channel skip weights (with SKIP_GATES, mixed in by a learned sigmoid gate, lerp(skip, x, gate)).
-    MAMBA_LAYERS picks which blocks mix with Mamba-2, the rest with attention. `order` is the sequence of
-    blocks as they run: plain until `looping` is switched on (RECUR_START_FRAC), then with the recurrence."""
+    """U-Net over layers: the first half's outputs feed the second half in reverse order through learned skip
+    weights (and SKIP_GATES' sigmoid gates). MAMBA_LAYERS' blocks mix with Mamba-2, the rest with attention.
+    `order` is the blocks as they run: plain until `looping` is switched on, then with the recurrence."""
 
     def __init__(self, hp):
         super().__init__()
@@ -1000,9 +995,8 @@ def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then orthogonalized updates. Same-shape matrices are orthogonalized as one batch (one
-    launch per Newton-Schulz op instead of one per matrix); ranks split each batch and share the results
-    with one all-reduce, so every rank applies the same update."""
+    """Momentum, then orthogonalized updates. Same-shape matrices are orthogonalized as one batch; ranks split
+    each batch and share the results in one all-reduce, so every rank applies the same update."""
 
     def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0, row_norm=False, ns="quintic"):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
@@ -1098,8 +1092,7 @@ def lr_scale(step, frac, hp):
 
 
 class EMA:
-    """Exponential moving average of the weights; the decay ramps up as (1 + t) / (10 + t) so that a short run is
-    not dominated by its random initial weights."""
+    """Weights' moving average; the decay ramps up as (1 + t) / (10 + t), so that the random init soon fades."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -1181,8 +1174,7 @@ class TrainClock:
 
 
 def rank0_value(value, ctx):
-    """Rank 0's value of a number, on every rank: decisions taken by the clock (LR, stopping, GPTQ's deadline)
-    must be the same everywhere, and each rank's clock differs a little."""
+    """Rank 0's value on every rank: decisions by the clock (LR, stopping, GPTQ's deadline) must agree."""
     if not ctx.distributed:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
@@ -1191,8 +1183,7 @@ def rank0_value(value, ctx):
 
 
 def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, validate=None):
-    """Steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less the GPTQ reserve).
-    Returns (steps taken, EMA or None). A non-finite loss raises NonFiniteLoss at once."""
+    """Steps until ITERATIONS or the wall clock (less the GPTQ reserve) -> (steps, EMA or None); NonFiniteLoss."""
     ema = EMA(base_model, hp.ema_decay) if hp.ema_decay > 0 else None
     cap = hp.max_wallclock_seconds
     budget = max(cap - hp.gptq_reserve_seconds, 0.0) if cap > 0 else 0.0
@@ -1262,8 +1253,7 @@ def round_to_grid(w, scale, qmax):
 
 
 def hessian_row_errors(E, H):
-    """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error over the calibration inputs
-    whose x x^T sum to H. Batched over leading dimensions."""
+    """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error on inputs whose x x^T sum to H."""
     E = E.to(H.device)
     return ((E @ H) * E).sum(dim=-1)
 
@@ -1668,8 +1658,8 @@ def sliding_windows(lo, hi, seq_len, stride):
 
 
 def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
-    """Summed loss (nats), target count and byte count over this rank's share of the windows. Every batch has
-    batch_seqs rows (the last padded with unscored rows): a compiled model sees one shape."""
+    """Summed loss (nats), target count and byte count over the windows, each rank scoring its share. Every batch
+    has batch_seqs rows (the last padded with unscored rows): a compiled model sees one shape."""
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     mine = windows[len(windows) * ctx.rank // ctx.world_size: len(windows) * (ctx.rank + 1) // ctx.world_size]
     starts = range(0, len(mine), batch_seqs)
@@ -1694,10 +1684,6 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
             stats[0] += loss[mask].double().sum()
             stats[1] += mask.sum()
             stats[2] += target_bytes(x[mask], y[mask], luts).sum()
-    return stats
-
-
-def reduce_stats(stats, ctx):
     if ctx.distributed:
         dist.all_reduce(stats)
     return stats
@@ -1711,7 +1697,7 @@ def stats_to_metrics(stats):
 def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     """(val_loss, val_bpb). stride == seq_len gives plain non-overlapping evaluation."""
     windows = sliding_windows(0, tokens.numel() - 1, seq_len, stride)
-    stats = reduce_stats(score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log), ctx)
+    stats = score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log)
     model.train()
     return stats_to_metrics(stats)
 
@@ -1732,7 +1718,7 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
         lo, hi = bounds[ci], bounds[ci + 1]
         t_score = time.time()
         windows = sliding_windows(lo, hi, L, hp.eval_stride)
-        stats = reduce_stats(score_windows(model, tokens, windows, L, rows, ctx, luts), ctx)
+        stats = score_windows(model, tokens, windows, L, rows, ctx, luts)
         per_chunk.append(stats.cpu())
         score_s += time.time() - t_score
         total += stats
@@ -1795,8 +1781,7 @@ class Context:
 
 
 def compile_model(model, mode):
-    """COMPILE=1: one graph for the whole model (most fusion). COMPILE=2: each block compiled on its own, so the
-    identical blocks share one compilation (a faster first step)."""
+    """COMPILE=1: one graph for the whole model (most fusion); 2: each block on its own (identical ones share it)."""
     if mode == 1:
         return torch.compile(model, dynamic=False)
     if mode == 2:
@@ -1808,8 +1793,7 @@ def compile_model(model, mode):
 
 
 def check_ranks_in_sync(model, ctx, log):
-    """Every rank must hold the same weights after training (rank 0 exports what all evaluate): one float64
-    checksum per rank, compared."""
+    """Every rank must hold the same weights (rank 0 exports what all evaluate): a float64 checksum each, compared."""
     if not ctx.distributed:
         return
     with torch.no_grad():
@@ -1891,8 +1875,7 @@ def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
 
 
 def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
-    """The compressed model, fit under TARGET_MB with the code counted, made and written by rank 0 alone ->
-    (path, artifact bytes including code)."""
+    """The model fit under TARGET_MB with the code, written by rank 0 alone -> (path, artifact bytes with code)."""
     t0, cap = time.time(), int(hp.target_mb * 1e6)
     path, failure = f"logs/{hp.run_id}.artifact", None
     if ctx.is_main:  # one rank compresses: eight ranks at once would share the CPU cores eight ways
