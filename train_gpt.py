@@ -575,8 +575,7 @@ def segment_sums(a):
     return diff.masked_fill(~causal, float("-inf"))
 
 
-# Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path.
-# ssd_fwd / ssd_bwd are mamba_ssm's Triton forward and backward, behind the custom op below.
+# Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path
 KERNELS = {"ssd_fwd": None, "ssd_bwd": None, "causal_conv1d": None, "attention": None}
 
 
@@ -967,8 +966,7 @@ def parameter_report(model):
 
 NS_COEFFS = {
     "quintic": [(3.4445, -4.7750, 2.0315)],  # one polynomial for every step, tuned for speed over exactness
-    # Polar Express (arXiv 2505.16932): the optimal polynomial for each of 5 steps (safety 2e-2, cushion 2); a
-    # sixth or later step repeats the last
+    # Polar Express (arXiv 2505.16932): the optimal polynomial for each of 5 steps; later steps repeat the last
     "polar-express": [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -2006,7 +2004,8 @@ def main():
     model = compile_model(base_model, hp.compile) if ctx.device.type == "cuda" else base_model
     opts = build_optimizers(base_model, hp)
     loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
-    batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * hp.train_seq_len))
+    L = hp.train_seq_len
+    batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * L))
 
     if hp.warmup_steps:  # prime compile and kernels, then restore the initial state
         orders = [False, True] if hp.recur_layers else [False]  # both layer orders compile here, untimed
@@ -2039,7 +2038,7 @@ def main():
 
     def validate(step):
         with clock.paused():  # validation is not training time
-            vl, vb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
+            vl, vb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts)
         log(f"step:{step}/{hp.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f}")
 
     step, ema = train_loop(model, base_model, opts, loader, hp, ctx, clock, log, validate)
@@ -2055,18 +2054,16 @@ def main():
     log("prequant: scoring the weights before quantization (not timed)")
     t_pre = time.time()
     with clock.paused():
-        prequant_loss, prequant_bpb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx,
-                                               luts, log)
+        prequant_loss, prequant_bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} ({time.time() - t_pre:.1f}s)")
     # the tied embedding is the output head too: GPTQ on the head's Hessian (tools/quant_study.py)
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
     names += ["tok_emb.weight"] if base_model.lm_head is None else []
     hessians = {}
-    if hp.gptq_calib_tokens >= hp.train_seq_len:
-        ncal = hp.gptq_calib_tokens // hp.train_seq_len
-        cal = [loader.next_batch(hp.train_seq_len * min(batch_seqs, ncal - i), hp.train_seq_len)
-               for i in range(0, ncal, batch_seqs)]
-        log(f"hessians: {len(names)} matrices from {ncal * hp.train_seq_len:,} tokens a rank in {len(cal)} batches")
+    if hp.gptq_calib_tokens >= L:
+        ncal = hp.gptq_calib_tokens // L
+        cal = [loader.next_batch(L * min(batch_seqs, ncal - i), L) for i in range(0, ncal, batch_seqs)]
+        log(f"hessians: {len(names)} matrices from {ncal * L:,} tokens a rank in {len(cal)} batches")
         t_h = time.time()
         hessians = collect_hessians(base_model, cal, ctx, names, log)
         log(f"hessians: done in {time.time() - t_h:.1f}s")
