@@ -26,11 +26,9 @@ from torch import Tensor, nn
 class ConfigError(ValueError):
     pass
 
-
 # the challenge's tokenizers are named for their vocabulary: a VOCAB_SIZE that disagrees is caught from the name
 TOKENIZER_NAME = re.compile(r"(?:^|/)fineweb_(\d+)_bpe\.model$")
 DATA_PATH_NAME = re.compile(r"(?:^|/)fineweb\w*_sp(\d+)$")
-
 
 DOWNLOAD_HINT = ("MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py "
                  "--variant sp8192 --train-shards 128")
@@ -48,7 +46,6 @@ SMOKE_DEFAULTS = dict(
     GPTQ_RESERVE_SECONDS=5, EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
 # knobs that no longer exist, with what replaced them: setting one is an error, not silently ignored
 RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC, the warmdown's fraction of training (default 0.72)"}
-
 
 class Hyperparameters:
     def __init__(self, environ=None, raise_errors=True):
@@ -391,7 +388,6 @@ class Hyperparameters:
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
-
 def shard_token_count(path) -> int:
     """The tokens a shard holds, by its header, checked against the file's size (reads 1 KB)."""
     path = Path(path)
@@ -408,12 +404,10 @@ def shard_token_count(path) -> int:
                          f"({expected} bytes): truncated or corrupt; {fix}")
     return n
 
-
 def load_data_shard(path) -> Tensor:
     n = shard_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
-
 
 def data_problems(hp):
     """What the data and the tokenizer lack, one line a problem, in the order a user fixes them (headers only)."""
@@ -457,14 +451,12 @@ def data_problems(hp):
                         f"{hp.train_seq_len}: " + (f"try TRAIN_SEQ_LEN={fits}" if fits and fits >= 8 else "add validation data"))
     return problems
 
-
 def shard_files(data_path, split):
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise FileNotFoundError(f"no {split} shards (fineweb_{split}_*.bin) in DATA_PATH={data_path}; "
                                 f"download them: {DOWNLOAD_HINT} (or tokenize your own: data/tokenize_corpus.py)")
     return files
-
 
 class TokenStream:
     """Reads the shards in order, wrapping around; every rank walks the same stream."""
@@ -484,7 +476,6 @@ class TokenStream:
             self.pos, n = self.pos + k, n - k
         return torch.cat(parts)
 
-
 class DistributedTokenLoader:
     """Each call takes one global micro-batch from the stream; rank r keeps slice r of it."""
 
@@ -497,13 +488,11 @@ class DistributedTokenLoader:
         chunk = chunk.to(self.device, dtype=torch.int64, non_blocking=True)
         return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
-
 def load_validation_tokens(data_path, seq_len):
     tokens = torch.cat([load_data_shard(f) for f in shard_files(data_path, "val")])
     if tokens.numel() <= seq_len:
         raise ValueError(f"validation split has {tokens.numel()} tokens: too short for TRAIN_SEQ_LEN={seq_len}")
     return tokens
-
 
 def build_byte_luts(sp, vocab_size):
     """Byte length of each token as the challenge counts it: a piece's UTF-8 bytes without its leading
@@ -525,7 +514,6 @@ def build_byte_luts(sp, vocab_size):
         base_bytes[i] = len(piece.encode("utf-8"))
     return torch.from_numpy(base_bytes), torch.from_numpy(leading_space), torch.from_numpy(is_boundary)
 
-
 def target_bytes(prev_ids, target_ids, luts):
     base_bytes, leading_space, is_boundary = luts
     return base_bytes[target_ids].to(torch.float64) + (leading_space[target_ids] & ~is_boundary[prev_ids]).to(torch.float64)
@@ -540,7 +528,6 @@ def attention_sdpa(q, k, v):
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
-
 def attention_op(q, k, v):
     """Causal GQA attention. q: (B, L, H, D); k, v: (B, L, Hkv, D) -> (B, L, H, D)."""
     if KERNELS["attention"] is not None and q.is_cuda:
@@ -548,13 +535,11 @@ def attention_op(q, k, v):
         return y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
     return attention_sdpa(q, k, v)
 
-
 def causal_conv1d_torch(x, weight, bias):
     K, L = weight.size(1), x.size(1)
     xp = F.pad(x, (0, 0, K - 1, 0))
     out = bias.to(x.dtype) + sum(xp[:, j:j + L] * weight[:, j].to(x.dtype) for j in range(K))
     return F.silu(out)
-
 
 def causal_conv1d(x, weight, bias):
     """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,). The fallback is
@@ -565,7 +550,6 @@ def causal_conv1d(x, weight, bias):
                                         activation="silu").transpose(1, 2)
     return causal_conv1d_torch(x, weight, bias)
 
-
 def segment_sums(a):
     """a: (..., T) -> (..., T, T) with [t, s] = a[s+1] + ... + a[t] for t >= s, and -inf above the diagonal."""
     T = a.size(-1)
@@ -574,10 +558,8 @@ def segment_sums(a):
     causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
     return diff.masked_fill(~causal, float("-inf"))
 
-
 # Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path
 KERNELS = {"ssd_fwd": None, "ssd_bwd": None, "causal_conv1d": None, "attention": None}
-
 
 def import_without_package_init(package, module):
     """Import package.module without running package/__init__.py: mamba_ssm 2.3's __init__ needs its
@@ -588,7 +570,6 @@ def import_without_package_init(package, module):
             raise ImportError(f"{package} is not installed")
         sys.modules[package] = importlib.util.module_from_spec(spec)  # the package object, its code not run
     return importlib.import_module(f"{package}.{module}")
-
 
 def load_fast_kernels():
     """{call site: (implementation, name) or (None, why not)} for the GPU libraries that import here."""
@@ -614,9 +595,7 @@ def load_fast_kernels():
             pass
     return found
 
-
 FALLBACKS = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "attention": "torch-sdpa"}
-
 
 def configure_kernels(hp, device, log=print):
     """Each call site's implementation, chosen once and logged; on CUDA a missing one warns (REQUIRE_FAST_KERNELS)."""
@@ -633,16 +612,13 @@ def configure_kernels(hp, device, log=print):
             raise SystemExit(f"REQUIRE_FAST_KERNELS=1: {msg}")
         log(f"WARNING: {msg}")
 
-
 # The Triton SSD as custom ops: torch.compile sees an opaque op with known output shapes instead of
 # tracing into (or breaking the graph at) the library's autograd.Function.
 @torch.library.custom_op("pgolf::ssd_scan", mutates_args=())
 def ssd_scan_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
     return KERNELS["ssd_fwd"](x, dt, A, B, C, chunk_size)[0].contiguous()
 
-
 ssd_scan_kernel.register_fake(lambda x, dt, A, B, C, chunk_size: x.new_empty(x.shape))
-
 
 @torch.library.custom_op("pgolf::ssd_scan_backward", mutates_args=())
 def ssd_scan_kernel_backward(grad: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, y: Tensor,
@@ -650,29 +626,23 @@ def ssd_scan_kernel_backward(grad: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
     grads = KERNELS["ssd_bwd"](grad.contiguous(), x, dt, A, B, C, y, chunk_size)[:5]
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, dt, A, B, C)))
 
-
 ssd_scan_kernel_backward.register_fake(
     lambda grad, x, dt, A, B, C, y, chunk_size: tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C)))
-
 
 def _ssd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5], output)
     ctx.chunk_size = inputs[5]
 
-
 def _ssd_backward(ctx, grad):
     return (*ssd_scan_kernel_backward(grad, *ctx.saved_tensors, ctx.chunk_size), None)
 
-
 ssd_scan_kernel.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
-
 
 def ssd_scan(x, dt, A, B, C, chunk_size):
     """Mamba-2's SSD scan: mamba_ssm's Triton kernel on CUDA when configured, else ssd_scan_torch."""
     if KERNELS["ssd_fwd"] is not None and x.is_cuda:
         return ssd_scan_kernel(x, dt, A, B, C, chunk_size)
     return ssd_scan_torch(x, dt, A, B, C, chunk_size)
-
 
 def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
     """Mamba-2's state-space dual scan, chunked, in plain PyTorch.
@@ -709,7 +679,6 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_
     y = y.reshape(b, T, H, P)[:, :L].to(out_dtype)
     return (y, final_state) if return_final_state else y
 
-
 class CastedLinear(nn.Linear):
     """Weights stay fp32 for the optimizer; matmuls run in the activations' dtype."""
 
@@ -721,7 +690,6 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
-
 
 class Rotary(nn.Module):
     """RoPE on the first `dims` of each head (all of them by default); the rest carry position-free content."""
@@ -737,7 +705,6 @@ class Rotary(nn.Module):
         cos, sin = freqs.cos()[None, :, None].to(x.dtype), freqs.sin()[None, :, None].to(x.dtype)
         x1, x2, rest = x[..., :self.dims // 2], x[..., self.dims // 2:self.dims], x[..., self.dims:]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
-
 
 class Attention(nn.Module):
     def __init__(self, hp):
@@ -764,7 +731,6 @@ class Attention(nn.Module):
             v_dir = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=2), dim=-1)
             y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
         return self.proj(y.reshape(b, L, -1))
-
 
 class Mamba2(nn.Module):
     """in_proj -> [z, x, B, C, dt]; causal conv on (x, B, C); SSD scan (scalar A per head); skip D; z-gated RMSNorm."""
@@ -799,7 +765,6 @@ class Mamba2(nn.Module):
         y = F.rms_norm(y * F.silu(z), (self.d_inner,)) * self.norm_weight.to(y.dtype)
         return self.out_proj(y)
 
-
 class MLP(nn.Module):
     def __init__(self, dim, mult):
         super().__init__()
@@ -809,7 +774,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
-
 
 class Block(nn.Module):
     """Pre-norm residual block: a mixer (attention or Mamba-2), then an MLP; `parallel`: x + mixer(x) + mlp(x).
@@ -837,7 +801,6 @@ class Block(nn.Module):
             return out
         return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.parallel else out))
 
-
 class BigramHash(nn.Module):
     """An embedding of a hash of (previous token, token), projected into the residual stream."""
 
@@ -853,14 +816,12 @@ class BigramHash(nn.Module):
         h = torch.where(prev < 0, self.buckets - 1, (prev * 36313 + ids * 27191) % (self.buckets - 1))
         return self.proj(self.embed(h))
 
-
 def layer_order(num_layers, recur_layers, loops):
     """The blocks in the order they run: RECUR_LAYERS' segment `loops` more times right after its first pass."""
     if not recur_layers:
         return list(range(num_layers))
     last = recur_layers[-1] + 1
     return list(range(last)) + recur_layers * loops + list(range(last, num_layers))
-
 
 class HybridGPT(nn.Module):
     """U-Net over layers: the first half's outputs feed the second half in reverse order through learned skip
@@ -944,7 +905,6 @@ class HybridGPT(nn.Module):
         logits = self.logits(ids).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
-
 def parameter_report(model):
     """Parameter counts by part, for the DRY_RUN and startup logs."""
     parts = {}
@@ -974,7 +934,6 @@ NS_COEFFS = {
                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)],
 }
 
-
 def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
     """Approximate U V^T of G = U S V^T by `steps` odd polynomials X <- a X + b (X X^T) X + c (X X^T)^2 X.
     G: one matrix or a stack of same-shape matrices (..., m, n), each orthogonalized on its own."""
@@ -990,7 +949,6 @@ def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
-
 
 class Muon(torch.optim.Optimizer):
     """Momentum, then orthogonalized updates. Same-shape matrices are orthogonalized as one batch; ranks split
@@ -1034,9 +992,7 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(order, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(order, [u.view_as(p).to(p.dtype) for u, p in zip(updates, order)], alpha=-group["lr"])
 
-
 MAMBA_SSM_PARAMS = ("A_log", "dt_bias", "D", "conv_weight", "conv_bias", "norm_weight")
-
 
 def param_group(name, p):
     if name.startswith(("tok_emb.", "bigram.embed.")):
@@ -1047,7 +1003,6 @@ def param_group(name, p):
         return "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
     # controls: per-channel gains and mixes, q gains, skip weights and gates
     return "ssm" if name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS else "controls"
-
 
 def build_optimizers(model, hp):
     """Muon for the matrices, Adam for the rest; each group's base_lr is scaled by the schedule."""
@@ -1074,12 +1029,10 @@ def build_optimizers(model, hp):
 class NonFiniteLoss(RuntimeError):
     pass
 
-
 def training_fraction(step, elapsed_s, hp, train_budget_s):
     """How far training is, in [0, 1]: by the wall clock when there is a budget, else by steps."""
     frac = elapsed_s / train_budget_s if train_budget_s > 0 else step / hp.iterations
     return min(max(frac, 0.0), 1.0)
-
 
 def lr_scale(step, frac, hp):
     """Linear warmup over LR_WARMUP_STEPS, flat, then a linear fall to MIN_LR over the last WARMDOWN_FRAC."""
@@ -1087,7 +1040,6 @@ def lr_scale(step, frac, hp):
     if hp.warmdown_frac == 0 or frac < 1 - hp.warmdown_frac:
         return warm
     return warm * max((1 - frac) / hp.warmdown_frac, hp.min_lr)
-
 
 class EMA:
     """Weights' moving average; the decay ramps up as (1 + t) / (10 + t), so that the random init soon fades."""
@@ -1107,10 +1059,8 @@ class EMA:
         for p, e in zip(model.parameters(), self.params):
             p.copy_(e.to(p.dtype))
 
-
 def autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
 
 def average_gradients(params, ctx):
     """Every rank's gradients replaced by their mean, in one all-reduce (a missing gradient counts as zeros). Not
@@ -1124,7 +1074,6 @@ def average_gradients(params, ctx):
     dist.all_reduce(flat, op=dist.ReduceOp.AVG)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p).to(p.dtype)
-
 
 def train_step(model, opts, loader, hp, ctx, step, lr_mult):
     """One optimizer step over GRAD_ACCUM_STEPS micro-batches at lr_mult x each group's base LR -> mean loss."""
@@ -1152,7 +1101,6 @@ def train_step(model, opts, loader, hp, ctx, step, lr_mult):
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return total.item()
 
-
 class TrainClock:
     """Training wall clock that can be paused (validation and the pre-quantization eval do not count)."""
 
@@ -1170,7 +1118,6 @@ class TrainClock:
         finally:
             self.excluded += time.time() - t
 
-
 def rank0_value(value, ctx):
     """Rank 0's value on every rank: decisions by the clock (LR, stopping, GPTQ's deadline) must agree."""
     if not ctx.distributed:
@@ -1178,7 +1125,6 @@ def rank0_value(value, ctx):
     t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
     dist.broadcast(t, 0)
     return t.item()
-
 
 def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, validate=None):
     """Steps until ITERATIONS or the wall clock (less the GPTQ reserve) -> (steps, EMA or None); NonFiniteLoss."""
@@ -1225,14 +1171,12 @@ QMAX = {"int4": 7, "int5": 15, "int6": 31, "int8": 127}  # the kinds of integer 
 INT6_MAX, INT8_MAX = QMAX["int6"], QMAX["int8"]
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
-
 def quant_kind(name, p):
     if name.startswith(("tok_emb.", "bigram.embed.", "lm_head.")):
         return "int8"
     if p.ndim == 2 and name.endswith(".weight"):
         return "int6"
     return "float"
-
 
 def row_scales(w, qmax, sigmas=0.0):
     """Per-row grid step: max |w| / qmax, so nothing clips; or with sigmas > 0, sigmas x the row's std / qmax (values
@@ -1244,22 +1188,18 @@ def row_scales(w, qmax, sigmas=0.0):
     # fp16 is how scales are stored, so round first: the quantizer then sees the exact stored scale
     return (spread / qmax).half().float().clamp_min(2**-24)  # 2**-24: fp16's smallest step
 
-
 def round_to_grid(w, scale, qmax):
     """Round to nearest on per-row grids: integer levels (as floats) in [-qmax, qmax]."""
     return torch.clamp(torch.round(w / scale[..., None]), -qmax, qmax)
-
 
 def hessian_row_errors(E, H):
     """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error on inputs whose x x^T sum to H."""
     E = E.to(H.device)
     return ((E @ H) * E).sum(dim=-1)
 
-
 def quantize_rtn(w, qmax, sigmas=0.0):
     scale = row_scales(w, qmax, sigmas)
     return round_to_grid(w, scale, qmax).to(torch.int8), scale
-
 
 def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
     """Per row, the scale of a clipped range (ratio x max |w|) whose Hessian-weighted round-to-nearest error is least
@@ -1276,12 +1216,10 @@ def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
             best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
     return best_scale
 
-
 def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
     """GPTQ of one matrix: quantize_gptq_batch for a batch of one."""
     q, s = quantize_gptq_batch(w[None], H[None], qmax, block, damp, clip, sigmas)
     return q[0], s[0]
-
 
 def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
     """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols):
@@ -1315,7 +1253,6 @@ def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, si
                     torch.where(better[:, None], scale, best[2]))
     return best[1], best[2]
 
-
 def gptq_columns(W, Hinv, scale, qmax, block):
     """GPTQ's column loop on a stack W (n, rows, cols), columns already in quantization order (W is
     overwritten); Hinv (n, cols, cols) upper Cholesky factors, scale (n, rows)."""
@@ -1334,7 +1271,6 @@ def gptq_columns(W, Hinv, scale, qmax, block):
         W[:, :, i2:] -= errors @ Hinv[:, i1:i2, i2:]
     return Q
 
-
 @contextlib.contextmanager
 def tf32_matmuls():
     before = torch.backends.cuda.matmul.allow_tf32
@@ -1343,7 +1279,6 @@ def tf32_matmuls():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-
 
 def collect_hessians(model, batches, ctx, names, log=None):
     """H = sum over calibration tokens of x x^T for the input x of each named matrix: a linear layer's, or
@@ -1379,14 +1314,12 @@ def collect_hessians(model, batches, ctx, names, log=None):
             dist.all_reduce(H)
     return hessians
 
-
 def quantize_matrix(w, H, kind, clip=True, sigmas=0.0):
     """-> (q, scale) on the CPU: GPTQ where there is a Hessian, else round-to-nearest."""
     if H is None:
         return quantize_rtn(w, QMAX[kind], sigmas)
     q, s = quantize_gptq(w, H, QMAX[kind], clip=clip, sigmas=sigmas)
     return q.cpu(), s.cpu()
-
 
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
     """-> {name: (kind, q, scale)}: int6 matrices and int8 tables, by GPTQ where a Hessian exists (RTN without one,
@@ -1419,7 +1352,6 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
         log(f"WARNING: wall clock reached during GPTQ: {late} matrices fell back to round-to-nearest")
     return {name: out[name] for name in state}
 
-
 # lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost.
 # The fp16 scales and tensors, in streams of their own, get their field width as position bits
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
@@ -1431,13 +1363,11 @@ CODECS = ("xz", "brotli", "brotli-shuffled")  # shuffled: byte k of every elemen
 # parts are coded in 4 MiB chunks, all at once in threads (brotli is slow on one large piece; chunks compress as well)
 CHUNK_BYTES = 2**22
 
-
 def byte_shuffle(data, width, inverse=False):
     if width == 1:
         return data
     a = np.frombuffer(data, np.uint8)
     return (a.reshape(width, -1).T if inverse else a.reshape(-1, width).T).tobytes()
-
 
 def codec_jobs(data, part):
     """{codec index: a function compressing data}: xz, and brotli plain and byte-shuffled where it imports."""
@@ -1451,7 +1381,6 @@ def codec_jobs(data, part):
         pass
     return jobs
 
-
 def decompress_part(codec, payload, part):
     if codec == 0:
         return lzma.decompress(payload)
@@ -1460,7 +1389,6 @@ def decompress_part(codec, payload, part):
     except ImportError:
         raise ValueError(f"the artifact's {part} are brotli-compressed: pip install brotli") from None
     return byte_shuffle(brotli.decompress(payload), PART_WIDTH[part], inverse=True) if codec == 2 else brotli.decompress(payload)
-
 
 def serialize(quantized):
     """The artifact: magic, the SHA-256 of the rest, then four parts, each ( uint32 chunk count | per chunk: codec
@@ -1489,7 +1417,6 @@ def serialize(quantized):
                 body += bytes([codec]) + len(payload).to_bytes(4, "little") + payload
     return ARTIFACT_MAGIC + hashlib.sha256(body).digest() + body
 
-
 def artifact_parts(blob):
     """{part: [(codec index, payload) per chunk]} of an artifact, after checking its magic and checksum."""
     if blob[:4] != ARTIFACT_MAGIC:
@@ -1506,7 +1433,6 @@ def artifact_parts(blob):
             parts[part].append((codec, body[pos + 5:pos + 5 + size]))
             pos += 5 + size
     return parts
-
 
 def deserialize(blob):
     """Artifact bytes -> state dict of float tensors (dequantized)."""
@@ -1535,21 +1461,17 @@ def deserialize(blob):
             state[e["name"]] = q * take("scales", 2 * shape[0], "<f2").float()[:, None]
     return state
 
-
 def entropy_bytes(q):
     """Bytes an ideal coder needs for q's values (order-0 entropy): LZMA lands near it on weights."""
     counts = torch.bincount(q.flatten().to(torch.int64) + 128, minlength=256).double()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
-
 def estimated_bytes(quantized):
     return sum(2 * q.numel() if kind == "float" else entropy_bytes(q) + 2 * q.size(0)
                for kind, q, s in quantized.values())
 
-
 LOWER_KIND = {"int6": "int5", "int5": "int4"}
-
 
 def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, log=print, sigmas=0.0):
     """The serialized model, at most limit_bytes. Over the cap, whole matrices go down one bit width at a time
@@ -1613,7 +1535,6 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
                          "grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS)")
     return blob
 
-
 def packed_source(code: bytes) -> bytes:
     """The train_gpt.py a submission holds, the code the challenge counts: a three-line program that sets
     READABLE_SOURCE_BYTES (how main() knows it runs packed) and execs this source, docstrings and comments
@@ -1635,7 +1556,6 @@ def packed_source(code: bytes) -> bytes:
     return (f"import lzma,base64\nREADABLE_SOURCE_BYTES={len(code)}\n"
             f'exec(lzma.decompress(base64.b85decode("{base64.b85encode(blob).decode()}")))\n').encode()
 
-
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: every validation target scored exactly once, with as much left context as fits
 # ----------------------------------------------------------------------------------------------
@@ -1653,7 +1573,6 @@ def sliding_windows(lo, hi, seq_len, stride):
         windows.append((start, end, done))
         done = end
     return windows
-
 
 def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
     """Summed loss (nats), target count and byte count over the windows, each rank scoring its share. Every batch
@@ -1686,11 +1605,9 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
         dist.all_reduce(stats)
     return stats
 
-
 def stats_to_metrics(stats):
     loss_sum, count, nbytes = stats.tolist()
     return loss_sum / count, loss_sum / math.log(2) / nbytes
-
 
 def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     """(val_loss, val_bpb). stride == seq_len gives plain non-overlapping evaluation."""
@@ -1698,7 +1615,6 @@ def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     stats = score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log)
     model.train()
     return stats_to_metrics(stats)
-
 
 def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     """Score-first test-time training. The validation tokens are cut into chunks; each chunk is scored
@@ -1777,7 +1693,6 @@ class Context:
             dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
         self.is_main = self.rank == 0
 
-
 def compile_model(model, mode):
     """COMPILE=1: one graph for the whole model (most fusion); 2: each block on its own (identical ones share it)."""
     if mode == 1:
@@ -1788,7 +1703,6 @@ def compile_model(model, mode):
         for block in model.blocks:
             block.compile(dynamic=False)
     return model
-
 
 def check_ranks_in_sync(model, ctx, log):
     """Every rank must hold the same weights (rank 0 exports what all evaluate): a float64 checksum each, compared."""
@@ -1802,7 +1716,6 @@ def check_ranks_in_sync(model, ctx, log):
     if any(not torch.equal(s, sums[0]) for s in sums):
         raise RuntimeError("ranks diverged: parameter checksums " + ", ".join(f"{s[0].item():.17g}" for s in sums))
     log(f"ranks in sync: {ctx.world_size} ranks, parameter checksum {sums[0][0].item():.12g}")
-
 
 def layer_map(model):
     """The layers as the final model runs them (with the recurrence, if any)."""
@@ -1818,7 +1731,6 @@ def layer_map(model):
         mlp = ("||mlp" if b.parallel else "+mlp") if b.mlp is not None else ""
         lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}")
     return "\n".join(lines)
-
 
 def describe(hp, model, log, code_bytes):
     log("config " + json.dumps(hp.resolved, sort_keys=True))
@@ -1848,10 +1760,8 @@ def describe(hp, model, log, code_bytes):
             "MAMBA_EXPAND or VOCAB_SIZE, or widen the grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS).")
     return report
 
-
 def smoke_corpus_maker():
     return Path(__file__).resolve().parent / "data" / "smoke_corpus.py"
-
 
 def make_smoke_corpus(root, vocab_size):
     """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (not counted code)."""
@@ -1863,14 +1773,12 @@ def make_smoke_corpus(root, vocab_size):
     spec.loader.exec_module(module)
     return module.make_smoke_corpus(root, vocab_size)
 
-
 def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
     """Bits per byte of a unigram model fit on train (add-one), on the validation targets."""
     counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1
     logp = torch.log2(counts / counts.sum())
     tgt, prev = val_tokens[1:].long(), val_tokens[:-1].long()
     return float(-logp[tgt].sum() / target_bytes(prev, tgt, luts).sum())
-
 
 def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     """The model fit under TARGET_MB with the code, written by rank 0 alone -> (path, artifact bytes with code)."""
@@ -1892,7 +1800,6 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
         f"in {time.time() - t0:.1f}s; parts {parts}")
     return path, total
 
-
 def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
     """Roundtrip (plain), sliding and TTT scores of the loaded artifact; val_bpb is the last one run."""
     L = hp.train_seq_len
@@ -1912,14 +1819,12 @@ def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
         log(f"ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     return scores
 
-
 def stop_on_problems(problems, quiet=False):
     """Every problem found before any work, one 'error:' line each, then exit code 2 (no traceback)."""
     if problems:
         if not quiet:  # under torchrun every rank finds the same problems: rank 0 says them
             print("\n".join(f"error: {p}" for p in problems), file=sys.stderr, flush=True)
         sys.exit(2)
-
 
 def main():
     t_start = time.time()
@@ -2101,7 +2006,6 @@ def main():
     if ctx.distributed:
         dist.barrier()  # every rank done with the shards (SMOKE's are removed when rank 0 exits)
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     try:
