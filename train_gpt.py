@@ -162,9 +162,7 @@ class Hyperparameters:
         return list(self._errors)
 
     def _raw(self, name, default):
-        if self.smoke and name in SMOKE_DEFAULTS:
-            default = SMOKE_DEFAULTS[name]
-        return self._env.get(name), default
+        return self._env.get(name), SMOKE_DEFAULTS.get(name, default) if self.smoke else default
 
     def _num(self, name, default, lo, hi, cast, what):
         raw, default = self._raw(name, default)
@@ -345,10 +343,6 @@ class Hyperparameters:
     def is_valid(self, *names):
         """True when none of these knobs has a problem of its own (checks built on them are skipped otherwise)."""
         return not self._bad.intersection(names)
-
-    @property
-    def mamba_d_inner(self):
-        return int(round(self.mamba_expand * self.model_dim))
 
     def world_problems(self, world_size):
         """The batch geometry for this many ranks, one line a problem, each with a value that works."""
@@ -645,10 +639,9 @@ def ssd_scan(x, dt, A, B, C, chunk_size):
     return ssd_scan_torch(x, dt, A, B, C, chunk_size)
 
 def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
-    """Mamba-2's state-space dual scan, chunked, in plain PyTorch.
-    Per head h: state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T;  y_t = state_t C_t.
-    x: (B, L, H, P); dt: (B, L, H) (already softplus'd); A: (H,); B, C: (B, L, G, N); H % G == 0.
-    Inside a chunk the recurrence is a masked matrix product; chunks are linked by their end states."""
+    """Mamba-2's state-space dual scan, chunked, in plain PyTorch; per head h:
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T;  y_t = state_t C_t.
+    x: (B, L, H, P); dt: (B, L, H) (already softplus'd); A: (H,); B, C: (B, L, G, N); H % G == 0."""
     out_dtype = x.dtype
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     b, L, H, P = x.shape
@@ -738,8 +731,8 @@ class Mamba2(nn.Module):
     def __init__(self, hp):
         super().__init__()
         dim, self.d_state, self.ngroups = hp.model_dim, hp.mamba_d_state, hp.mamba_ngroups
-        self.d_inner, self.headdim, self.chunk_size = hp.mamba_d_inner, hp.mamba_headdim, hp.mamba_chunk_size
-        self.nheads = self.d_inner // self.headdim
+        self.d_inner, self.headdim = int(round(hp.mamba_expand * dim)), hp.mamba_headdim
+        self.nheads, self.chunk_size = self.d_inner // self.headdim, hp.mamba_chunk_size
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
         self.in_proj = CastedLinear(dim, self.d_inner + self.conv_dim + self.nheads)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, hp.mamba_d_conv).uniform_(-1, 1) / math.sqrt(hp.mamba_d_conv))
@@ -825,8 +818,7 @@ def layer_order(num_layers, recur_layers, loops):
 
 class HybridGPT(nn.Module):
     """U-Net over layers: the first half's outputs feed the second half in reverse order through learned skip
-    weights (and SKIP_GATES' sigmoid gates). MAMBA_LAYERS' blocks mix with Mamba-2, the rest with attention.
-    `order` is the blocks as they run: plain until `looping` is switched on, then with the recurrence."""
+    weights (and gates). `order`: the blocks as they run, with the recurrence once `looping` is switched on."""
 
     def __init__(self, hp):
         super().__init__()
@@ -910,8 +902,7 @@ def parameter_report(model):
     parts = {}
     for name, p in model.named_parameters():
         if name.startswith("blocks."):
-            i = int(name.split(".")[1])
-            kind = "mamba" if model.is_mamba[i] else "attention"
+            kind = "mamba" if model.is_mamba[int(name.split(".")[1])] else "attention"
             part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
         else:
             part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head", "smear_w": "block_scalars",
@@ -978,8 +969,7 @@ class Muon(torch.optim.Optimizer):
                     bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in share]
                     torch._foreach_mul_(bufs, group["momentum"])
                     torch._foreach_add_(bufs, grads)
-                    nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-                    g = torch.stack(nesterov)
+                    g = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))  # Nesterov
                     if group["row_norm"]:  # every output unit's row gets an equal say in the orthogonalization
                         g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
                     g = newton_schulz_orthogonalize(g, group["backend_steps"], coeffs=group["ns"])
@@ -1001,8 +991,7 @@ def param_group(name, p):
         return "head"
     if p.ndim == 2 and name.endswith(".weight"):
         return "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
-    # controls: per-channel gains and mixes, q gains, skip weights and gates
-    return "ssm" if name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS else "controls"
+    return "ssm" if name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS else "controls"  # gains, mixes, skip weights
 
 def build_optimizers(model, hp):
     """Muon for the matrices, Adam for the rest; each group's base_lr is scaled by the schedule."""
@@ -1202,8 +1191,7 @@ def quantize_rtn(w, qmax, sigmas=0.0):
     return round_to_grid(w, scale, qmax).to(torch.int8), scale
 
 def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
-    """Per row, the scale of a clipped range (ratio x max |w|) whose Hessian-weighted round-to-nearest error is least
-    (ratio 1 included): clipping trades rare large weights for a finer grid for the rest."""
+    """Per row, the clipped scale (ratio x max |w| / qmax, ratio 1 included) of least Hessian-weighted RTN error."""
     amax = W.abs().amax(dim=-1)
     best_err = best_scale = None
     for ratio in ratios:
@@ -1222,12 +1210,10 @@ def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0
     return q[0], s[0]
 
 def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
-    """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols):
-    quantize columns one at a time (largest Hessian diagonal first), pushing each column's rounding error
-    onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor. One column loop for
-    the whole stack: the loop is launch-bound, so n matrices cost about what one does.
-    With clip, GPTQ runs on both the full-range and clip_scales' scales and keeps, per matrix, the one with the
-    smaller Hessian-weighted error. With sigmas > 0 the step is fixed by the row's std: no search."""
+    """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols), in one
+    (launch-bound) column loop: columns quantized largest Hessian diagonal first, each one's rounding error pushed
+    onto the rest through the inverse Hessian's Cholesky factor. With clip, both the full-range and clip_scales'
+    scales are tried and the better kept, per matrix; with sigmas > 0 the row's std fixes the step: no search."""
     H = H.float().clone()
     W = W.float().to(H.device).clone()
     n, rows, cols = W.shape
@@ -1476,8 +1462,7 @@ LOWER_KIND = {"int6": "int5", "int5": "int4"}
 def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, log=print, sigmas=0.0):
     """The serialized model, at most limit_bytes. Over the cap, whole matrices go down one bit width at a time
     (int6 -> int5 -> int4, not below QUANT_MIN_BITS), cheapest first: a step's price is its increase in
-    Hessian-weighted error per byte saved (bytes from the values' entropy, scaled to what LZMA achieved).
-    Still over at QUANT_MIN_BITS: a loud stop."""
+    Hessian-weighted error per byte saved (by the values' entropy). Still over at QUANT_MIN_BITS: a loud stop."""
     t0 = time.time()
     raw_mb = sum(q.numel() * (2 if kind == "float" else 1) for kind, q, _ in quantized.values()) / 1e6
     log(f"export: compressing {raw_mb:.1f} MB (xz and brotli each part; minutes at brotli's quality 11)")
@@ -1536,9 +1521,8 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
     return blob
 
 def packed_source(code: bytes) -> bytes:
-    """The train_gpt.py a submission holds, the code the challenge counts: a three-line program that sets
-    READABLE_SOURCE_BYTES (how main() knows it runs packed) and execs this source, docstrings and comments
-    removed, from an LZMA + base85 string (docs/packing.md). Imports inside: records/package.py loads it alone."""
+    """The train_gpt.py a submission holds (the counted code): three lines that set READABLE_SOURCE_BYTES and exec
+    this source, docstrings and comments removed, from LZMA + base85. Imports inside: records/package.py uses it."""
     import ast, base64, lzma
     tree = ast.parse(code)
     for node in ast.walk(tree):  # nothing reads __doc__
@@ -1561,9 +1545,8 @@ def packed_source(code: bytes) -> bytes:
 # ----------------------------------------------------------------------------------------------
 
 def sliding_windows(lo, hi, seq_len, stride):
-    """Windows (start, end, done) scoring targets lo+1..hi (target j is token j, predicted from tokens
-    < j). A window reads tokens[start:end+1] and scores targets done+1..end. The first window starting
-    at token 0 scores a whole sequence; each later one advances by `stride`."""
+    """Windows (start, end, done) scoring targets lo+1..hi (target j is token j): each reads tokens[start:end+1]
+    and scores targets done+1..end. The first (from token 0) scores a whole sequence, each later one `stride`."""
     if stride <= 0 or seq_len <= 0:
         raise ValueError(f"sliding windows need stride > 0 and seq_len > 0, got {stride}, {seq_len}")
     windows, done = [], lo
@@ -1617,9 +1600,8 @@ def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     return stats_to_metrics(stats)
 
 def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
-    """Score-first test-time training. The validation tokens are cut into chunks; each chunk is scored
-    (no grad) with the weights adapted on earlier chunks only, then trained on for TTT_EPOCHS; the last
-    chunk is never trained on. Returns (val_loss, val_bpb, per-chunk stats)."""
+    """Score-first test-time training: each chunk of the validation tokens is scored (no grad) with the weights
+    adapted on earlier chunks only, then (all but the last) trained on -> (val_loss, val_bpb, per-chunk stats)."""
     n, L = tokens.numel() - 1, hp.train_seq_len
     bounds = list(range(0, n, hp.ttt_chunk_tokens)) + [n]
     # one scoring batch shape for every chunk (a compiled model compiles it once): this rank's share of a chunk
@@ -1739,11 +1721,10 @@ def describe(hp, model, log, code_bytes):
     log("layer map:\n" + layer_map(model))
     report = parameter_report(model)
     log("params " + " ".join(f"{k}:{v:,}" for k, v in report.items()))
-    int6 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int6")
-    int8 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int8")
-    flt = report["total"] - int6 - int8
-    cap = int(hp.target_mb * 1e6)
-    rows = sum(p.size(0) for n, p in model.named_parameters() if quant_kind(n, p) in ("int6", "int8"))
+    kinds = [(quant_kind(n, p), p) for n, p in model.named_parameters()]
+    int6, int8 = (sum(p.numel() for k, p in kinds if k == kind) for kind in ("int6", "int8"))
+    flt, cap = report["total"] - int6 - int8, int(hp.target_mb * 1e6)
+    rows = sum(p.size(0) for k, p in kinds if k != "float")
     # bytes a value after compression, fitted on trained runs (a guide: trained weights vary): a Gaussian row's
     # entropy on its grid, 2.05 - log2(step / std), + 0.2 for heavier tails at max-abs steps (about 3.3 stds / qmax);
     # 2.10 - log2(step / std) at std-based ones. Row scales about a byte each, the float tensors fp16
@@ -1751,8 +1732,7 @@ def describe(hp, model, log, code_bytes):
         return (2.10 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
     expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
                    + rows + 2 * flt + code_bytes)
-    log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "
-        f"(cap {cap:,})")
+    log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code (cap {cap:,})")
     if expected > cap:
         log(f"WARNING: this configuration will likely not fit TARGET_MB={hp.target_mb} (about {expected - cap:,} bytes "
             f"over, {100 * (expected - cap) / cap:.2f}%): the export will lower the cheapest matrices' bit widths "
@@ -1848,12 +1828,11 @@ def main():
     code_bytes, code_sha256 = len(code), hashlib.sha256(code).hexdigest()
     code_line = f"code_bytes:{code_bytes} (packed) readable_bytes:{globals().get('READABLE_SOURCE_BYTES', len(own))}"
     if hp.dry_run:
-        if quiet:  # torchrun starts every rank: one prints
-            return
-        with torch.device("meta"):
-            model = HybridGPT(hp)
-        print(code_line)
-        describe(hp, model, print, code_bytes)
+        if not quiet:  # torchrun starts every rank: one prints
+            with torch.device("meta"):
+                model = HybridGPT(hp)
+            print(code_line)
+            describe(hp, model, print, code_bytes)
         return
     ctx = Context()
     hp.resolve_world(ctx.world_size)  # checked above: sets GRAD_ACCUM_STEPS
