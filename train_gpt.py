@@ -26,16 +26,13 @@ from torch import Tensor, nn
 class ConfigError(ValueError):
     pass
 
-
 # the challenge's tokenizers are named for their vocabulary: a VOCAB_SIZE that disagrees is caught from the name
 TOKENIZER_NAME = re.compile(r"(?:^|/)fineweb_(\d+)_bpe\.model$")
 DATA_PATH_NAME = re.compile(r"(?:^|/)fineweb\w*_sp(\d+)$")
 
-
 DOWNLOAD_HINT = ("MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py "
                  "--variant sp8192 --train-shards 128")
-# attention only in the last layer, as in the 7-layer proxy search (docs/); on the 11-layer record stack the
-# hybrid issue decides which layers earn a Mamba-2 block
+# Mamba-2 everywhere but the last layer, which keeps attention (docs/ has the search behind it)
 DEFAULT_MAMBA_LAYERS = "0,1,2,3,4,5,6,7,8,9"
 # SMOKE swaps in these defaults (a user's env still wins) so the whole pipeline runs in minutes on a CPU.
 SMOKE_DEFAULTS = dict(
@@ -46,11 +43,9 @@ SMOKE_DEFAULTS = dict(
     ITERATIONS=300, WARMDOWN_FRAC=0.33, WARMUP_STEPS=0, LR_WARMUP_STEPS=10, VAL_BATCH_SIZE=16384,
     VAL_LOSS_EVERY=50, TRAIN_LOG_EVERY=5, MAX_WALLCLOCK_SECONDS=90, MATRIX_LR=0.02, MAMBA_MATRIX_LR=0.02,
     SCALAR_LR=0.02, TIED_EMBED_LR=0.05, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=100, GPTQ_CALIB_TOKENS=16384,
-    GPTQ_RESERVE_SECONDS=5,
-    EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
+    GPTQ_RESERVE_SECONDS=5, EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_LR=0.002, COMPILE=0)
 # knobs that no longer exist, with what replaced them: setting one is an error, not silently ignored
 RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC, the warmdown's fraction of training (default 0.72)"}
-
 
 class Hyperparameters:
     def __init__(self, environ=None, raise_errors=True):
@@ -68,13 +63,10 @@ class Hyperparameters:
         self.compile = self._int("COMPILE", 1, 0, 2)  # on CUDA: 0 eager, 1 whole model, 2 each block
         self.fast_kernels = self._flag("FAST_KERNELS", 1)  # 0: PyTorch fallbacks even where the GPU libraries import
         self.require_fast_kernels = self._flag("REQUIRE_FAST_KERNELS", 0)  # 1: a missing kernel is an error
-        # 1: train on a machine without CUDA anyway; else only SMOKE and DRY_RUN run there (issue 16: the default
-        # run on a CPU was OOM-killed after 106 s without a word)
-        self.allow_cpu = self._flag("ALLOW_CPU", 0)
+        self.allow_cpu = self._flag("ALLOW_CPU", 0)  # 1: train without CUDA anyway (else only SMOKE, DRY_RUN)
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
-        # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training, measured by the wall
-        # clock under MAX_WALLCLOCK_SECONDS, else by steps of ITERATIONS
+        # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training (wall clock or steps)
         self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.72, 0.0, 1.0)
         self.min_lr = self._float("MIN_LR", 0.0, 0.0, 1.0)
         self.warmup_steps = self._int("WARMUP_STEPS", 20, 0, 1000)  # compile warm-up, then weights reset
@@ -100,8 +92,7 @@ class Hyperparameters:
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
         self.skip_gates = self._flag("SKIP_GATES", 1)  # 1: U-Net skips mixed in by learned sigmoid gates
-        # 1: each token's embedding takes in the previous token's, gated by its own leading dims, never across a
-        # document start (the later records' SmearGate with its BOS fix); starts as the identity
+        # 1: each token's embedding takes in the previous token's, gated, never across a document start (SmearGate)
         self.smear_gate = self._flag("SMEAR_GATE", 0)
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
@@ -110,11 +101,10 @@ class Hyperparameters:
         self.mamba_expand = self._float("MAMBA_EXPAND", 1.0, 0.25, 8.0)
         self.mamba_headdim = self._int("MAMBA_HEADDIM", 64, 1, 1024)
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
-        self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)  # Triton SSD: 4.3 vs 5.8 ms at 128 (README)
+        self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)
         self.mamba_mlp = self._flag("MAMBA_MLP", 1)
-        # depth recurrence: these consecutive layers run RECUR_LOOPS more times right after their first pass
-        # (depth for no bytes), from RECUR_START_FRAC of training on (by the same clock as the warmdown) and in
-        # every evaluation; the U-Net's halves and skips are over the resulting sequence of layers
+        # depth recurrence (depth for no bytes): these consecutive layers run RECUR_LOOPS more times right after
+        # their first pass, from RECUR_START_FRAC of training on and in every evaluation
         self.recur_layers = self._layers("RECUR_LAYERS", "3,4,5")
         self.recur_loops = self._int("RECUR_LOOPS", 2, 1, 16)
         self.recur_start_frac = self._float("RECUR_START_FRAC", 0.35, 0.0, 1.0)
@@ -131,8 +121,7 @@ class Hyperparameters:
         self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
         self.muon_momentum = self._float("MUON_MOMENTUM", 0.99, 0.0, 0.9999)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
-        # Newton-Schulz coefficients: "quintic" (one fixed (a, b, c), the 2026-04-09 record's) or "polar-express"
-        # (per-step coefficients of Amsel et al. 2025, arXiv 2505.16932, as in the later records)
+        # Newton-Schulz coefficients: one fixed quintic, or Polar Express's per-step ones (arXiv 2505.16932)
         self.muon_ns = self._choice("MUON_NS", "quintic", ("quintic", "polar-express"))
         self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: each row of the update to unit norm before orthogonalizing
         self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.92, 0.0, 0.9999)
@@ -140,9 +129,8 @@ class Hyperparameters:
         self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
         self.beta2 = self._float("BETA2", 0.95, 0.0, 0.99999)
         self.adam_eps = self._float("ADAM_EPS", 1e-8, 1e-12, 1e-2)
-        # decoupled weight decay (p -= lr * wd * p): Muon's matrices; the embedding tables; Adam's block and skip
-        # controls. Mamba's SSM parameters (A_log, dt_bias, D, conv) and an untied head are never decayed: a pull
-        # toward 0 there changes memory lengths, not just scale
+        # decoupled weight decay (p -= lr * wd * p). Mamba's SSM parameters and an untied head are never decayed:
+        # a pull toward 0 there changes memory lengths, not just scale
         self.muon_wd = self._float("MUON_WD", 0.095, 0.0, 1.0)
         self.embed_wd = self._float("EMBED_WD", 0.085, 0.0, 1.0)
         self.adam_wd = self._float("ADAM_WD", 0.02, 0.0, 1.0)
@@ -153,8 +141,7 @@ class Hyperparameters:
         self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 1_048_576, 0, 2**28)  # per rank; 0: RTN
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 12.0, 0.0, 3600.0)
         self.gptq_clip_search = self._flag("GPTQ_CLIP_SEARCH", 1)  # also try clipped scales, keep the better
-        # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (int6: 12.85 gives 0.41-std bins, about
-        # 3.5 bits a value against 5.5 at the default max-abs step): fewer bytes for more error. 0: max |w| / qmax
+        # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (fewer bytes, more error); 0: max |w| / qmax
         self.quant_sigmas = self._float("QUANT_SIGMAS", 12.85, 0.0, 100.0)
         self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 20.0, 0.0, 1000.0)  # the same for the int8 tables
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
@@ -175,9 +162,7 @@ class Hyperparameters:
         return list(self._errors)
 
     def _raw(self, name, default):
-        if self.smoke and name in SMOKE_DEFAULTS:
-            default = SMOKE_DEFAULTS[name]
-        return self._env.get(name), default
+        return self._env.get(name), SMOKE_DEFAULTS.get(name, default) if self.smoke else default
 
     def _num(self, name, default, lo, hi, cast, what):
         raw, default = self._raw(name, default)
@@ -232,8 +217,7 @@ class Hyperparameters:
         return self._env.get(name) is not None
 
     def _fit_layer_defaults(self):
-        """Defaults that name layers are for the default depth: with another NUM_LAYERS, a default (never a
-        user's value) keeps the layers that exist, and says so."""
+        """With another NUM_LAYERS, a default layer list (never a user's) keeps the layers that exist, and says so."""
         for name in ("MAMBA_LAYERS", "RECUR_LAYERS"):
             layers = getattr(self, name.lower())
             kept = [i for i in layers if i < self.num_layers]
@@ -247,8 +231,7 @@ class Hyperparameters:
             self.parallel_from = self.resolved["PARALLEL_FROM"] = 0
 
     def _cross_checks(self):
-        """Checks between knobs, each only where the knobs it reads are valid on their own (NUM_LAYERS=0 is
-        one problem, not also every layer index past it); each message names a value that works."""
+        """Checks between knobs, each only where the knobs it reads are valid; each message names a value that works."""
         e = self._errors.append
         n = self.num_layers
         if self.is_valid("NUM_LAYERS"):
@@ -285,9 +268,7 @@ class Hyperparameters:
             self._vocab_name_checks()
 
     def _vocab_name_checks(self):
-        """The challenge's files are named for their vocabulary (fineweb_8192_bpe.model, fineweb10B_sp8192): a
-        VOCAB_SIZE the names disagree with is caught before anything loads; main() checks the tokenizer's real
-        size once it is loaded."""
+        """A VOCAB_SIZE that the challenge's file names (fineweb_8192_bpe.model, fineweb10B_sp8192) disagree with."""
         v, tok, data = self.vocab_size, self.tokenizer_path, self.data_path.rstrip("/")
         named = {}  # knob -> (the size its name says, the path it would have for VOCAB_SIZE)
         if m := TOKENIZER_NAME.search(tok):
@@ -305,9 +286,8 @@ class Hyperparameters:
                                 f"tokens: try {', or '.join(fixes)}")
 
     def _shape_checks(self):
-        """MODEL_DIM, the head counts and Mamba's shape must divide into each other. A broken rule is blamed on
-        the first of its knobs the user set (a default is not the mistake); each blamed knob gets one line, with
-        its nearest values that pass every rule, the other knobs as they are."""
+        """MODEL_DIM, the head counts and Mamba's shape must divide into each other. A broken rule is blamed on the
+        first of its knobs the user set, one line a knob, with its nearest values that pass every rule."""
         names = ("MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "MAMBA_EXPAND", "MAMBA_HEADDIM", "MAMBA_NGROUPS")
         now = {k: self.resolved[k] for k in names}
         head_dim = lambda v: v["MODEL_DIM"] // v["NUM_HEADS"]
@@ -364,10 +344,6 @@ class Hyperparameters:
         """True when none of these knobs has a problem of its own (checks built on them are skipped otherwise)."""
         return not self._bad.intersection(names)
 
-    @property
-    def mamba_d_inner(self):
-        return int(round(self.mamba_expand * self.model_dim))
-
     def world_problems(self, world_size):
         """The batch geometry for this many ranks, one line a problem, each with a value that works."""
         problems, seq = [], self.train_seq_len
@@ -386,8 +362,7 @@ class Hyperparameters:
         return problems
 
     def machine_problems(self, cuda):
-        """A run sized for GPUs on a machine without CUDA stops here (issue 16: the default configuration on a CPU
-        took 24 GB and was killed by the kernel after 106 s, without a word)."""
+        """A run sized for GPUs on a machine without CUDA stops here (else the kernel kills it, without a word)."""
         if cuda or not self.is_valid("SMOKE", "DRY_RUN", "ALLOW_CPU") or self.smoke or self.dry_run or self.allow_cpu:
             return []
         return ["no CUDA GPU on this machine, and this run is sized for GPUs: SMOKE=1 runs the whole pipeline small "
@@ -398,8 +373,7 @@ class Hyperparameters:
         problems = self.world_problems(world_size)
         if problems:
             raise ConfigError("\n".join(problems))
-        if self.grad_accum_steps == 0:
-            self.grad_accum_steps = max(1, 8 // world_size)
+        self.grad_accum_steps = self.grad_accum_steps or max(1, 8 // world_size)
         self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +381,6 @@ class Hyperparameters:
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-
 
 def shard_token_count(path) -> int:
     """The tokens a shard holds, by its header, checked against the file's size (reads 1 KB)."""
@@ -425,17 +398,13 @@ def shard_token_count(path) -> int:
                          f"({expected} bytes): truncated or corrupt; {fix}")
     return n
 
-
 def load_data_shard(path) -> Tensor:
     n = shard_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
 
-
 def data_problems(hp):
-    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them: the shards
-    there at all (DATA_PATH), the tokenizer (TOKENIZER_PATH, its size against VOCAB_SIZE), then every shard's
-    header and size and the validation split's length. Cheap: headers only; the tokenizer is loaded once."""
+    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them (headers only)."""
     problems, where = [], f"DATA_PATH={hp.data_path}"
     files = {split: sorted(glob.glob(os.path.join(hp.data_path, f"fineweb_{split}_*.bin"))) for split in ("train", "val")}
     if not os.path.isdir(hp.data_path):
@@ -476,14 +445,12 @@ def data_problems(hp):
                         f"{hp.train_seq_len}: " + (f"try TRAIN_SEQ_LEN={fits}" if fits and fits >= 8 else "add validation data"))
     return problems
 
-
 def shard_files(data_path, split):
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise FileNotFoundError(f"no {split} shards (fineweb_{split}_*.bin) in DATA_PATH={data_path}; "
                                 f"download them: {DOWNLOAD_HINT} (or tokenize your own: data/tokenize_corpus.py)")
     return files
-
 
 class TokenStream:
     """Reads the shards in order, wrapping around; every rank walks the same stream."""
@@ -503,7 +470,6 @@ class TokenStream:
             self.pos, n = self.pos + k, n - k
         return torch.cat(parts)
 
-
 class DistributedTokenLoader:
     """Each call takes one global micro-batch from the stream; rank r keeps slice r of it."""
 
@@ -516,13 +482,11 @@ class DistributedTokenLoader:
         chunk = chunk.to(self.device, dtype=torch.int64, non_blocking=True)
         return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
-
 def load_validation_tokens(data_path, seq_len):
     tokens = torch.cat([load_data_shard(f) for f in shard_files(data_path, "val")])
     if tokens.numel() <= seq_len:
         raise ValueError(f"validation split has {tokens.numel()} tokens: too short for TRAIN_SEQ_LEN={seq_len}")
     return tokens
-
 
 def build_byte_luts(sp, vocab_size):
     """Byte length of each token as the challenge counts it: a piece's UTF-8 bytes without its leading
@@ -544,7 +508,6 @@ def build_byte_luts(sp, vocab_size):
         base_bytes[i] = len(piece.encode("utf-8"))
     return torch.from_numpy(base_bytes), torch.from_numpy(leading_space), torch.from_numpy(is_boundary)
 
-
 def target_bytes(prev_ids, target_ids, luts):
     base_bytes, leading_space, is_boundary = luts
     return base_bytes[target_ids].to(torch.float64) + (leading_space[target_ids] & ~is_boundary[prev_ids]).to(torch.float64)
@@ -559,7 +522,6 @@ def attention_sdpa(q, k, v):
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
-
 def attention_op(q, k, v):
     """Causal GQA attention. q: (B, L, H, D); k, v: (B, L, Hkv, D) -> (B, L, H, D)."""
     if KERNELS["attention"] is not None and q.is_cuda:
@@ -567,25 +529,20 @@ def attention_op(q, k, v):
         return y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
     return attention_sdpa(q, k, v)
 
-
 def causal_conv1d_torch(x, weight, bias):
     K, L = weight.size(1), x.size(1)
     xp = F.pad(x, (0, 0, K - 1, 0))
     out = bias.to(x.dtype) + sum(xp[:, j:j + L] * weight[:, j].to(x.dtype) for j in range(K))
     return F.silu(out)
 
-
 def causal_conv1d(x, weight, bias):
-    """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,).
-    The fallback is shift-and-add, not F.conv1d: the (B, L, C) layout needs no transposes and compiles
-    into one fused kernel."""
+    """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,). The fallback is
+    shift-and-add, not F.conv1d: the (B, L, C) layout needs no transposes and compiles into one fused kernel."""
     if KERNELS["causal_conv1d"] is not None and x.is_cuda:
-        # the CUDA kernel takes (B, C, L) in its channel-last layout: a transposed view of a contiguous
-        # (B, L, C); x itself is a slice of in_proj's output, hence the copy
+        # the kernel's channel-last (B, C, L) is a transposed view of a contiguous (B, L, C); x is a slice: copied
         return KERNELS["causal_conv1d"](x.contiguous().transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
                                         activation="silu").transpose(1, 2)
     return causal_conv1d_torch(x, weight, bias)
-
 
 def segment_sums(a):
     """a: (..., T) -> (..., T, T) with [t, s] = a[s+1] + ... + a[t] for t >= s, and -inf above the diagonal."""
@@ -595,11 +552,8 @@ def segment_sums(a):
     causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
     return diff.masked_fill(~causal, float("-inf"))
 
-
-# Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path.
-# ssd_fwd / ssd_bwd are mamba_ssm's Triton forward and backward, behind the custom op below.
+# Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path
 KERNELS = {"ssd_fwd": None, "ssd_bwd": None, "causal_conv1d": None, "attention": None}
-
 
 def import_without_package_init(package, module):
     """Import package.module without running package/__init__.py: mamba_ssm 2.3's __init__ needs its
@@ -611,12 +565,10 @@ def import_without_package_init(package, module):
         sys.modules[package] = importlib.util.module_from_spec(spec)  # the package object, its code not run
     return importlib.import_module(f"{package}.{module}")
 
-
 def load_fast_kernels():
     """{call site: (implementation, name) or (None, why not)} for the GPU libraries that import here."""
     found = {}
-    # mamba_ssm's kernels autotune per shape and dtype (minutes on a fresh GPU): keep the choices in Triton's
-    # disk cache so a second run on the machine skips them. Read when the kernels are defined, so set first.
+    # mamba_ssm's kernels autotune per shape (minutes): Triton's disk cache keeps the choices. Set before import
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         ssd = import_without_package_init("mamba_ssm", "ops.triton.ssd_combined")
@@ -637,13 +589,10 @@ def load_fast_kernels():
             pass
     return found
 
-
 FALLBACKS = {"ssd": "pytorch-chunked", "causal_conv1d": "pytorch-shift-add", "attention": "torch-sdpa"}
 
-
 def configure_kernels(hp, device, log=print):
-    """Choose each kernel call site's implementation once, at startup, and say which. On CUDA a
-    missing fast kernel is a warning, or an error under REQUIRE_FAST_KERNELS=1."""
+    """Each call site's implementation, chosen once and logged; on CUDA a missing one warns (REQUIRE_FAST_KERNELS)."""
     use = hp.fast_kernels and device.type == "cuda"
     found = load_fast_kernels() if use else {site: (None, None) for site in FALLBACKS}
     KERNELS.update(causal_conv1d=found["causal_conv1d"][0], attention=found["attention"][0])
@@ -657,16 +606,13 @@ def configure_kernels(hp, device, log=print):
             raise SystemExit(f"REQUIRE_FAST_KERNELS=1: {msg}")
         log(f"WARNING: {msg}")
 
-
 # The Triton SSD as custom ops: torch.compile sees an opaque op with known output shapes instead of
 # tracing into (or breaking the graph at) the library's autograd.Function.
 @torch.library.custom_op("pgolf::ssd_scan", mutates_args=())
 def ssd_scan_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
     return KERNELS["ssd_fwd"](x, dt, A, B, C, chunk_size)[0].contiguous()
 
-
 ssd_scan_kernel.register_fake(lambda x, dt, A, B, C, chunk_size: x.new_empty(x.shape))
-
 
 @torch.library.custom_op("pgolf::ssd_scan_backward", mutates_args=())
 def ssd_scan_kernel_backward(grad: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, y: Tensor,
@@ -674,22 +620,17 @@ def ssd_scan_kernel_backward(grad: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
     grads = KERNELS["ssd_bwd"](grad.contiguous(), x, dt, A, B, C, y, chunk_size)[:5]
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, dt, A, B, C)))
 
-
 ssd_scan_kernel_backward.register_fake(
     lambda grad, x, dt, A, B, C, y, chunk_size: tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C)))
-
 
 def _ssd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5], output)
     ctx.chunk_size = inputs[5]
 
-
 def _ssd_backward(ctx, grad):
     return (*ssd_scan_kernel_backward(grad, *ctx.saved_tensors, ctx.chunk_size), None)
 
-
 ssd_scan_kernel.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
-
 
 def ssd_scan(x, dt, A, B, C, chunk_size):
     """Mamba-2's SSD scan: mamba_ssm's Triton kernel on CUDA when configured, else ssd_scan_torch."""
@@ -697,12 +638,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size):
         return ssd_scan_kernel(x, dt, A, B, C, chunk_size)
     return ssd_scan_torch(x, dt, A, B, C, chunk_size)
 
-
 def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_state=False):
-    """Mamba-2's state-space dual scan, chunked, in plain PyTorch.
-    Per head h: state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T;  y_t = state_t C_t.
-    x: (B, L, H, P); dt: (B, L, H) (already softplus'd); A: (H,); B, C: (B, L, G, N); H % G == 0.
-    Inside a chunk the recurrence is a masked matrix product; chunks are linked by their end states."""
+    """Mamba-2's state-space dual scan, chunked, in plain PyTorch; per head h:
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T;  y_t = state_t C_t.
+    x: (B, L, H, P); dt: (B, L, H) (already softplus'd); A: (H,); B, C: (B, L, G, N); H % G == 0."""
     out_dtype = x.dtype
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     b, L, H, P = x.shape
@@ -733,7 +672,6 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_
     y = y.reshape(b, T, H, P)[:, :L].to(out_dtype)
     return (y, final_state) if return_final_state else y
 
-
 class CastedLinear(nn.Linear):
     """Weights stay fp32 for the optimizer; matmuls run in the activations' dtype."""
 
@@ -745,7 +683,6 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
-
 
 class Rotary(nn.Module):
     """RoPE on the first `dims` of each head (all of them by default); the rest carry position-free content."""
@@ -761,7 +698,6 @@ class Rotary(nn.Module):
         cos, sin = freqs.cos()[None, :, None].to(x.dtype), freqs.sin()[None, :, None].to(x.dtype)
         x1, x2, rest = x[..., :self.dims // 2], x[..., self.dims // 2:self.dims], x[..., self.dims:]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
-
 
 class Attention(nn.Module):
     def __init__(self, hp):
@@ -789,16 +725,14 @@ class Attention(nn.Module):
             y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
         return self.proj(y.reshape(b, L, -1))
 
-
 class Mamba2(nn.Module):
-    """in_proj -> [z, x, B, C, dt]; causal conv over (x, B, C); SSD scan with a scalar A per head;
-    skip D; RMSNorm gated by z; out_proj."""
+    """in_proj -> [z, x, B, C, dt]; causal conv on (x, B, C); SSD scan (scalar A per head); skip D; z-gated RMSNorm."""
 
     def __init__(self, hp):
         super().__init__()
         dim, self.d_state, self.ngroups = hp.model_dim, hp.mamba_d_state, hp.mamba_ngroups
-        self.d_inner, self.headdim, self.chunk_size = hp.mamba_d_inner, hp.mamba_headdim, hp.mamba_chunk_size
-        self.nheads = self.d_inner // self.headdim
+        self.d_inner, self.headdim = int(round(hp.mamba_expand * dim)), hp.mamba_headdim
+        self.nheads, self.chunk_size = self.d_inner // self.headdim, hp.mamba_chunk_size
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
         self.in_proj = CastedLinear(dim, self.d_inner + self.conv_dim + self.nheads)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, hp.mamba_d_conv).uniform_(-1, 1) / math.sqrt(hp.mamba_d_conv))
@@ -824,7 +758,6 @@ class Mamba2(nn.Module):
         y = F.rms_norm(y * F.silu(z), (self.d_inner,)) * self.norm_weight.to(y.dtype)
         return self.out_proj(y)
 
-
 class MLP(nn.Module):
     def __init__(self, dim, mult):
         super().__init__()
@@ -835,11 +768,9 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
-
 class Block(nn.Module):
-    """Pre-norm residual block: a mixer (attention or Mamba-2), then an MLP. `parallel`: both read the same
-    input (x + mixer(x) + mlp(x)). Block i's normalized inputs are scaled by 1/sqrt(i+1) under LN_SCALE, so
-    deeper blocks write smaller updates; a block that runs several times (RECUR_LAYERS) keeps its factor."""
+    """Pre-norm residual block: a mixer (attention or Mamba-2), then an MLP; `parallel`: x + mixer(x) + mlp(x).
+    Under LN_SCALE block i's normalized inputs are scaled by 1/sqrt(i+1), so deeper blocks write smaller updates."""
 
     def __init__(self, hp, index, is_mamba):
         super().__init__()
@@ -863,7 +794,6 @@ class Block(nn.Module):
             return out
         return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.parallel else out))
 
-
 class BigramHash(nn.Module):
     """An embedding of a hash of (previous token, token), projected into the residual stream."""
 
@@ -879,7 +809,6 @@ class BigramHash(nn.Module):
         h = torch.where(prev < 0, self.buckets - 1, (prev * 36313 + ids * 27191) % (self.buckets - 1))
         return self.proj(self.embed(h))
 
-
 def layer_order(num_layers, recur_layers, loops):
     """The blocks in the order they run: RECUR_LAYERS' segment `loops` more times right after its first pass."""
     if not recur_layers:
@@ -887,12 +816,9 @@ def layer_order(num_layers, recur_layers, loops):
     last = recur_layers[-1] + 1
     return list(range(last)) + recur_layers * loops + list(range(last, num_layers))
 
-
 class HybridGPT(nn.Module):
-    """U-Net over layers: the first half's outputs feed the second half in reverse order through learned
-    per-channel skip weights (with SKIP_GATES, mixed in by a learned sigmoid gate, lerp(skip, x, gate)).
-    MAMBA_LAYERS picks which blocks mix with Mamba-2, the rest with attention. `order` is the sequence of
-    blocks as they run: plain until `looping` is switched on (RECUR_START_FRAC), then with the recurrence."""
+    """U-Net over layers: the first half's outputs feed the second half in reverse order through learned skip
+    weights (and gates). `order`: the blocks as they run, with the recurrence once `looping` is switched on."""
 
     def __init__(self, hp):
         super().__init__()
@@ -952,10 +878,8 @@ class HybridGPT(nn.Module):
             if i in skip_map:
                 j = i - self.num_encoder
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                if self.skip_gates is None:
-                    x = x + skip
-                else:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+                gates = self.skip_gates
+                x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[j]).to(x.dtype))
             x = self.blocks[layer](x, x0)
             if i < self.num_encoder:
                 skips.append(x)
@@ -973,14 +897,12 @@ class HybridGPT(nn.Module):
         logits = self.logits(ids).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
-
 def parameter_report(model):
     """Parameter counts by part, for the DRY_RUN and startup logs."""
     parts = {}
     for name, p in model.named_parameters():
         if name.startswith("blocks."):
-            i = int(name.split(".")[1])
-            kind = "mamba" if model.is_mamba[i] else "attention"
+            kind = "mamba" if model.is_mamba[int(name.split(".")[1])] else "attention"
             part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
         else:
             part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head", "smear_w": "block_scalars",
@@ -995,15 +917,13 @@ def parameter_report(model):
 
 NS_COEFFS = {
     "quintic": [(3.4445, -4.7750, 2.0315)],  # one polynomial for every step, tuned for speed over exactness
-    # Polar Express (arXiv 2505.16932): the optimal polynomial for each of 5 steps (safety 2e-2, cushion 2); a
-    # sixth or later step repeats the last
+    # Polar Express (arXiv 2505.16932): the optimal polynomial for each of 5 steps; later steps repeat the last
     "polar-express": [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)],
 }
-
 
 def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
     """Approximate U V^T of G = U S V^T by `steps` odd polynomials X <- a X + b (X X^T) X + c (X X^T)^2 X.
@@ -1021,11 +941,9 @@ def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
 
-
 class Muon(torch.optim.Optimizer):
-    """Momentum, then orthogonalized updates. Same-shape matrices are orthogonalized as one batch (one
-    launch per Newton-Schulz op instead of one per matrix); ranks split each batch and share the results
-    with one all-reduce, so every rank applies the same update."""
+    """Momentum, then orthogonalized updates. Same-shape matrices are orthogonalized as one batch; ranks split
+    each batch and share the results in one all-reduce, so every rank applies the same update."""
 
     def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0, row_norm=False, ns="quintic"):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
@@ -1051,8 +969,7 @@ class Muon(torch.optim.Optimizer):
                     bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in share]
                     torch._foreach_mul_(bufs, group["momentum"])
                     torch._foreach_add_(bufs, grads)
-                    nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-                    g = torch.stack(nesterov)
+                    g = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))  # Nesterov
                     if group["row_norm"]:  # every output unit's row gets an equal say in the orthogonalization
                         g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
                     g = newton_schulz_orthogonalize(g, group["backend_steps"], coeffs=group["ns"])
@@ -1065,31 +982,22 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(order, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(order, [u.view_as(p).to(p.dtype) for u, p in zip(updates, order)], alpha=-group["lr"])
 
-
 MAMBA_SSM_PARAMS = ("A_log", "dt_bias", "D", "conv_weight", "conv_bias", "norm_weight")
 
-
-def optimizer_groups(model):
-    """{group: [(name, parameter)]}: every parameter in exactly one group."""
-    groups = {g: [] for g in ("matrices", "mamba_matrices", "embeddings", "head", "controls", "ssm")}
-    for name, p in model.named_parameters():
-        if name.startswith("tok_emb.") or name.startswith("bigram.embed."):
-            group = "embeddings"
-        elif name.startswith("lm_head."):
-            group = "head"
-        elif p.ndim == 2 and name.endswith(".weight"):
-            group = "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
-        elif name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS:
-            group = "ssm"
-        else:  # per-channel gains and mixes, q gains, skip weights and gates
-            group = "controls"
-        groups[group].append((name, p))
-    return groups
-
+def param_group(name, p):
+    if name.startswith(("tok_emb.", "bigram.embed.")):
+        return "embeddings"
+    if name.startswith("lm_head."):
+        return "head"
+    if p.ndim == 2 and name.endswith(".weight"):
+        return "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
+    return "ssm" if name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS else "controls"  # gains, mixes, skip weights
 
 def build_optimizers(model, hp):
     """Muon for the matrices, Adam for the rest; each group's base_lr is scaled by the schedule."""
-    g = {k: [p for _, p in v] for k, v in optimizer_groups(model).items()}
+    g = {k: [] for k in ("matrices", "mamba_matrices", "embeddings", "head", "controls", "ssm")}
+    for name, p in model.named_parameters():
+        g[param_group(name, p)].append(p)
     muon_groups = [dict(params=ps, lr=lr, base_lr=lr) for ps, lr in
                    ((g["matrices"], hp.matrix_lr), (g["mamba_matrices"], hp.mamba_matrix_lr)) if ps]
     embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
@@ -1110,12 +1018,10 @@ def build_optimizers(model, hp):
 class NonFiniteLoss(RuntimeError):
     pass
 
-
 def training_fraction(step, elapsed_s, hp, train_budget_s):
     """How far training is, in [0, 1]: by the wall clock when there is a budget, else by steps."""
     frac = elapsed_s / train_budget_s if train_budget_s > 0 else step / hp.iterations
     return min(max(frac, 0.0), 1.0)
-
 
 def lr_scale(step, frac, hp):
     """Linear warmup over LR_WARMUP_STEPS, flat, then a linear fall to MIN_LR over the last WARMDOWN_FRAC."""
@@ -1124,10 +1030,8 @@ def lr_scale(step, frac, hp):
         return warm
     return warm * max((1 - frac) / hp.warmdown_frac, hp.min_lr)
 
-
 class EMA:
-    """Exponential moving average of the weights. The decay ramps up as (1 + t) / (10 + t) so a short run
-    is not dominated by its random initial weights (at 0.997, they would still weigh 22% after 500 steps)."""
+    """Weights' moving average; the decay ramps up as (1 + t) / (10 + t), so that the random init soon fades."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -1144,16 +1048,12 @@ class EMA:
         for p, e in zip(model.parameters(), self.params):
             p.copy_(e.to(p.dtype))
 
-
 def autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-
 def average_gradients(params, ctx):
-    """Every rank's gradients replaced by their mean over ranks, in one all-reduce (a missing gradient
-    counts as zeros, so a rank with nothing to learn from still joins). Used instead of DDP: DDP makes
-    torch.compile split the model into one graph per gradient bucket, more compile time and less fusion,
-    to overlap an all-reduce that takes about a millisecond here."""
+    """Every rank's gradients replaced by their mean, in one all-reduce (a missing gradient counts as zeros). Not
+    DDP: it makes torch.compile split the model into a graph per gradient bucket, to overlap a ~1 ms all-reduce."""
     for p in params:  # on one rank too, so that a step without data does the same everywhere
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -1164,10 +1064,8 @@ def average_gradients(params, ctx):
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p).to(p.dtype)
 
-
 def train_step(model, opts, loader, hp, ctx, step, lr_mult):
-    """One optimizer step over GRAD_ACCUM_STEPS micro-batches at lr_mult x each group's base LR; returns the
-    mean train loss (float)."""
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches at lr_mult x each group's base LR -> mean loss."""
     local_tokens = hp.train_batch_tokens // (ctx.world_size * hp.grad_accum_steps)
     total = torch.zeros((), device=ctx.device)
     for micro in range(hp.grad_accum_steps):
@@ -1192,13 +1090,6 @@ def train_step(model, opts, loader, hp, ctx, step, lr_mult):
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return total.item()
 
-
-def check_finite(loss, step, last_finite):
-    if not math.isfinite(loss):
-        last = "none yet" if last_finite is None else f"{last_finite[1]:.4f} at step {last_finite[0]}"
-        raise NonFiniteLoss(f"non-finite train loss {loss} at step {step}; last finite loss: {last}. "
-                            "Lower the learning rates or raise GRAD_CLIP_NORM's strength.")
-
 class TrainClock:
     """Training wall clock that can be paused (validation and the pre-quantization eval do not count)."""
 
@@ -1216,21 +1107,16 @@ class TrainClock:
         finally:
             self.excluded += time.time() - t
 
-
 def rank0_value(value, ctx):
-    """Rank 0's value of a number, on every rank: for decisions taken by the clock, which differs a little
-    from rank to rank. Different warmdown LRs would pull the replicas apart, a rank stopping a step early
-    would leave the others waiting in an all-reduce, and ranks must agree on which matrices get GPTQ."""
+    """Rank 0's value on every rank: decisions by the clock (LR, stopping, GPTQ's deadline) must agree."""
     if not ctx.distributed:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
     dist.broadcast(t, 0)
     return t.item()
 
-
 def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, validate=None):
-    """Steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less the GPTQ reserve).
-    Returns (steps taken, EMA or None). A non-finite loss raises NonFiniteLoss at once."""
+    """Steps until ITERATIONS or the wall clock (less the GPTQ reserve) -> (steps, EMA or None); NonFiniteLoss."""
     ema = EMA(base_model, hp.ema_decay) if hp.ema_decay > 0 else None
     cap = hp.max_wallclock_seconds
     budget = max(cap - hp.gptq_reserve_seconds, 0.0) if cap > 0 else 0.0
@@ -1247,7 +1133,10 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
             base_model.looping = True
             log(f"recurrence on at step {step} ({frac:.0%} of training): {len(base_model.order)} layers as run")
         loss = train_step(model, opts, loader, hp, ctx, step, lr_scale(step, frac, hp))
-        check_finite(loss, step, last_finite)
+        if not math.isfinite(loss):
+            last = "none yet" if last_finite is None else f"{last_finite[1]:.4f} at step {last_finite[0]}"
+            raise NonFiniteLoss(f"non-finite train loss {loss} at step {step}; last finite loss: {last}. "
+                                "Lower the learning rates or raise GRAD_CLIP_NORM's strength.")
         last_finite = (step, loss)
         if ema is not None:
             ema.update(base_model)
@@ -1255,9 +1144,7 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
         if step % hp.train_log_every == 0 or step == 1:
             elapsed = clock.elapsed()
             step_s = elapsed / step
-            eta = (hp.iterations - step) * step_s
-            if cap > 0:
-                eta = min(eta, budget - elapsed)
+            eta = min((hp.iterations - step) * step_s, budget - elapsed if cap > 0 else math.inf)
             log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} step_ms:{1000 * step_s:.1f} "
                 f"tok/s:{hp.train_batch_tokens / step_s:,.0f} train_time:{elapsed:.0f}s eta:{max(eta, 0):.0f}s")
         if validate is not None and hp.val_loss_every and step % hp.val_loss_every == 0:
@@ -1273,19 +1160,16 @@ QMAX = {"int4": 7, "int5": 15, "int6": 31, "int8": 127}  # the kinds of integer 
 INT6_MAX, INT8_MAX = QMAX["int6"], QMAX["int8"]
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
-
 def quant_kind(name, p):
-    if name.startswith("tok_emb.") or name.startswith("bigram.embed.") or name.startswith("lm_head."):
+    if name.startswith(("tok_emb.", "bigram.embed.", "lm_head.")):
         return "int8"
     if p.ndim == 2 and name.endswith(".weight"):
         return "int6"
     return "float"
 
-
 def row_scales(w, qmax, sigmas=0.0):
-    """Per-row grid step: max |w| / qmax, so nothing clips; or with sigmas > 0, sigmas x the row's std / qmax,
-    a bin width chosen relative to the row's spread (values past qmax steps clip). Wider bins leave fewer
-    distinct values, which LZMA codes in fewer bits (about 2.05 - log2(bin / std) for Gaussian rows)."""
+    """Per-row grid step: max |w| / qmax, so nothing clips; or with sigmas > 0, sigmas x the row's std / qmax (values
+    past qmax steps clip): wider bins leave fewer distinct values, which LZMA codes in fewer bits."""
     spread = w.abs().amax(dim=-1)
     if sigmas:
         std = w.std(dim=-1)
@@ -1293,28 +1177,21 @@ def row_scales(w, qmax, sigmas=0.0):
     # fp16 is how scales are stored, so round first: the quantizer then sees the exact stored scale
     return (spread / qmax).half().float().clamp_min(2**-24)  # 2**-24: fp16's smallest step
 
-
 def round_to_grid(w, scale, qmax):
     """Round to nearest on per-row grids: integer levels (as floats) in [-qmax, qmax]."""
     return torch.clamp(torch.round(w / scale[..., None]), -qmax, qmax)
 
-
 def hessian_row_errors(E, H):
-    """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error over the
-    calibration inputs whose x x^T sum to H. Batched over leading dimensions."""
+    """Per row r of a weight error E, E_r H E_r^T: that output's summed squared error on inputs whose x x^T sum to H."""
     E = E.to(H.device)
     return ((E @ H) * E).sum(dim=-1)
-
 
 def quantize_rtn(w, qmax, sigmas=0.0):
     scale = row_scales(w, qmax, sigmas)
     return round_to_grid(w, scale, qmax).to(torch.int8), scale
 
-
 def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
-    """Per row, the scale of a clipped range (ratio x max |w|) whose round-to-nearest error, weighted by the
-    Hessian (the layer's summed squared output error), is least. Ratio 1 is a candidate, so no row gets
-    worse than the unclipped scale; clipping trades rare large weights for a finer grid for the rest."""
+    """Per row, the clipped scale (ratio x max |w| / qmax, ratio 1 included) of least Hessian-weighted RTN error."""
     amax = W.abs().amax(dim=-1)
     best_err = best_scale = None
     for ratio in ratios:
@@ -1327,23 +1204,16 @@ def clip_scales(W, H, qmax, ratios=CLIP_RATIOS):
             best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
     return best_scale
 
-
 def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
     """GPTQ of one matrix: quantize_gptq_batch for a batch of one."""
     q, s = quantize_gptq_batch(w[None], H[None], qmax, block, damp, clip, sigmas)
     return q[0], s[0]
 
-
 def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
-    """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols):
-    quantize columns one at a time (largest Hessian diagonal first), pushing each column's rounding error
-    onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor. One column loop for
-    the whole stack: the loop is launch-bound, so n matrices cost about what one does.
-    With clip, GPTQ runs on both the full-range scales and clip_scales' and keeps, per matrix, whichever
-    leaves the smaller Hessian-weighted error: on a trained model (tools/quant_study.py), clipped scales alone
-    cost +3.9% at int6, while keeping the better of the two saved 0.4-0.5% at int6, 3.4-3.7% at int5, 14-15%
-    at int4. With sigmas > 0 the step is fixed by the row's std (row_scales) and there is no search: the
-    step is what sets the bytes."""
+    """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols), in one
+    (launch-bound) column loop: columns quantized largest Hessian diagonal first, each one's rounding error pushed
+    onto the rest through the inverse Hessian's Cholesky factor. With clip, both the full-range and clip_scales'
+    scales are tried and the better kept, per matrix; with sigmas > 0 the row's std fixes the step: no search."""
     H = H.float().clone()
     W = W.float().to(H.device).clone()
     n, rows, cols = W.shape
@@ -1369,7 +1239,6 @@ def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, si
                     torch.where(better[:, None], scale, best[2]))
     return best[1], best[2]
 
-
 def gptq_columns(W, Hinv, scale, qmax, block):
     """GPTQ's column loop on a stack W (n, rows, cols), columns already in quantization order (W is
     overwritten); Hinv (n, cols, cols) upper Cholesky factors, scale (n, rows)."""
@@ -1388,7 +1257,6 @@ def gptq_columns(W, Hinv, scale, qmax, block):
         W[:, :, i2:] -= errors @ Hinv[:, i1:i2, i2:]
     return Q
 
-
 @contextlib.contextmanager
 def tf32_matmuls():
     before = torch.backends.cuda.matmul.allow_tf32
@@ -1397,7 +1265,6 @@ def tf32_matmuls():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-
 
 def collect_hessians(model, batches, ctx, names, log=None):
     """H = sum over calibration tokens of x x^T for the input x of each named matrix: a linear layer's, or
@@ -1433,7 +1300,6 @@ def collect_hessians(model, batches, ctx, names, log=None):
             dist.all_reduce(H)
     return hessians
 
-
 def quantize_matrix(w, H, kind, clip=True, sigmas=0.0):
     """-> (q, scale) on the CPU: GPTQ where there is a Hessian, else round-to-nearest."""
     if H is None:
@@ -1441,12 +1307,10 @@ def quantize_matrix(w, H, kind, clip=True, sigmas=0.0):
     q, s = quantize_gptq(w, H, QMAX[kind], clip=clip, sigmas=sigmas)
     return q.cpu(), s.cpu()
 
-
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
-    """-> {name: (kind, q, scale)}: int6 via GPTQ where a Hessian exists (RTN past the deadline), int8 for
-    the tables (GPTQ for the tied embedding when its Hessian was collected, else round-to-nearest), float
-    (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids' steps (row_scales) for
-    the matrices and for the tables. Same-shape matrices with Hessians go through GPTQ as one batch."""
+    """-> {name: (kind, q, scale)}: int6 matrices and int8 tables, by GPTQ where a Hessian exists (RTN without one,
+    or past the deadline), float (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids'
+    steps (row_scales) for matrices and tables. Same-shape matrices go through GPTQ as one batch."""
     state = {n: p.detach().float().cpu() for n, p in model.state_dict().items()}
     out, batches, late = {}, {}, 0
     for name, p in model.state_dict().items():
@@ -1474,28 +1338,22 @@ def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=b
         log(f"WARNING: wall clock reached during GPTQ: {late} matrices fell back to round-to-nearest")
     return {name: out[name] for name in state}
 
-
-# lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost;
-# 0.2-0.3% smaller than preset 9's defaults on a trained model (zlib: +4.8%, bz2: +6.0%; tools/quant_study.py).
-# The fp16 scales and fp32 tensors get their field widths as position bits, in streams of their own
-# (interleaved, the CPU study's artifact was 0.8% larger at max-abs steps, 5.5% at QUANT_SIGMAS=12.85)
+# lc=lp=pb=0: quantized weights are near-iid bytes, so LZMA's literal-context and position bits only cost.
+# The fp16 scales and tensors, in streams of their own, get their field width as position bits
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
 PART_FILTERS = {"header": LZMA_FILTERS, "values": LZMA_FILTERS, "scales": [dict(LZMA_FILTERS[0], lp=1)],
                 "floats": [dict(LZMA_FILTERS[0], lp=1)]}
 PART_WIDTH = {"header": 1, "values": 1, "scales": 2, "floats": 2}  # bytes per element
 ARTIFACT_MAGIC = b"PGQ3"
 CODECS = ("xz", "brotli", "brotli-shuffled")  # shuffled: byte k of every element together (fields compress apart)
-# parts are coded in 4 MiB chunks, all at once in threads: brotli's quality 11 took 230 s on the record stack's
-# 32 MB of values in one piece; chunks of near-iid values compress as well (-0.01% on t-distributed test data)
+# parts are coded in 4 MiB chunks, all at once in threads (brotli is slow on one large piece; chunks compress as well)
 CHUNK_BYTES = 2**22
-
 
 def byte_shuffle(data, width, inverse=False):
     if width == 1:
         return data
     a = np.frombuffer(data, np.uint8)
     return (a.reshape(width, -1).T if inverse else a.reshape(-1, width).T).tobytes()
-
 
 def codec_jobs(data, part):
     """{codec index: a function compressing data}: xz, and brotli plain and byte-shuffled where it imports."""
@@ -1509,7 +1367,6 @@ def codec_jobs(data, part):
         pass
     return jobs
 
-
 def decompress_part(codec, payload, part):
     if codec == 0:
         return lzma.decompress(payload)
@@ -1519,20 +1376,16 @@ def decompress_part(codec, payload, part):
         raise ValueError(f"the artifact's {part} are brotli-compressed: pip install brotli") from None
     return byte_shuffle(brotli.decompress(payload), PART_WIDTH[part], inverse=True) if codec == 2 else brotli.decompress(payload)
 
-
 def serialize(quantized):
-    """The artifact: magic, the SHA-256 of the rest, then four parts, each ( uint32 chunk count | per chunk:
-    codec byte | uint32 length | payload ): the JSON header, the integer values (one byte each), the fp16 row
-    scales, the fp16 tensors, the last three in the header's tensor order. Each chunk has the codec that made
-    it smallest."""
+    """The artifact: magic, the SHA-256 of the rest, then four parts, each ( uint32 chunk count | per chunk: codec
+    byte | uint32 length | payload ): the JSON header, the integer values (one byte each), the fp16 row scales,
+    the fp16 tensors, the last three in the header's tensor order. Each chunk gets its smallest codec."""
     entries, parts = [], {"values": [], "scales": [], "floats": []}
     for name, (kind, q, s) in quantized.items():
         entries.append(dict(name=name, kind=kind, shape=list(q.shape)))
-        if kind == "float":  # gains, mixes and SSM controls: fp16 is their precision in the record's artifact too
+        if kind == "float":  # gains, mixes and SSM controls
             parts["floats"].append(q.numpy().astype("<f2").tobytes())
-        else:
-            # one byte per int6 value: the compressors code the peaked value distribution better than 6-bit
-            # packing (measured 0.505 vs 0.574 bytes per value on Gaussian-like weights)
+        else:  # a byte per value: the compressors code the peaked distribution better than 6-bit packing
             parts["values"].append(q.numpy().astype(np.int8).tobytes())
             parts["scales"].append(s.numpy().astype("<f2").tobytes())
     data = {"header": json.dumps(entries).encode(), **{k: b"".join(v) for k, v in parts.items()}}
@@ -1550,7 +1403,6 @@ def serialize(quantized):
                 body += bytes([codec]) + len(payload).to_bytes(4, "little") + payload
     return ARTIFACT_MAGIC + hashlib.sha256(body).digest() + body
 
-
 def artifact_parts(blob):
     """{part: [(codec index, payload) per chunk]} of an artifact, after checking its magic and checksum."""
     if blob[:4] != ARTIFACT_MAGIC:
@@ -1567,7 +1419,6 @@ def artifact_parts(blob):
             parts[part].append((codec, body[pos + 5:pos + 5 + size]))
             pos += 5 + size
     return parts
-
 
 def deserialize(blob):
     """Artifact bytes -> state dict of float tensors (dequantized)."""
@@ -1596,28 +1447,22 @@ def deserialize(blob):
             state[e["name"]] = q * take("scales", 2 * shape[0], "<f2").float()[:, None]
     return state
 
-
 def entropy_bytes(q):
     """Bytes an ideal coder needs for q's values (order-0 entropy): LZMA lands near it on weights."""
     counts = torch.bincount(q.flatten().to(torch.int64) + 128, minlength=256).double()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
-
 def estimated_bytes(quantized):
     return sum(2 * q.numel() if kind == "float" else entropy_bytes(q) + 2 * q.size(0)
                for kind, q, s in quantized.values())
 
-
 LOWER_KIND = {"int6": "int5", "int5": "int4"}
 
-
 def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, log=print, sigmas=0.0):
-    """The serialized model, at most limit_bytes. Over the cap, the least harmful means first: whole matrices
-    go down one bit width at a time (int6 -> int5 -> int4, not below QUANT_MIN_BITS), cheapest first, the
-    price of a step being its increase in Hessian-weighted error per byte saved (bytes from the values'
-    entropy, scaled to what LZMA achieved). Still over at QUANT_MIN_BITS: a loud stop. (Zeroing +-1 weights
-    instead was measured far worse: +33% to +215% Hessian-weighted error where lowering cost +7-8%.)"""
+    """The serialized model, at most limit_bytes. Over the cap, whole matrices go down one bit width at a time
+    (int6 -> int5 -> int4, not below QUANT_MIN_BITS), cheapest first: a step's price is its increase in
+    Hessian-weighted error per byte saved (by the values' entropy). Still over at QUANT_MIN_BITS: a loud stop."""
     t0 = time.time()
     raw_mb = sum(q.numel() * (2 if kind == "float" else 1) for kind, q, _ in quantized.values()) / 1e6
     log(f"export: compressing {raw_mb:.1f} MB (xz and brotli each part; minutes at brotli's quality 11)")
@@ -1675,12 +1520,9 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
                          "grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS)")
     return blob
 
-
 def packed_source(code: bytes) -> bytes:
-    """The train_gpt.py a submission holds, the code the challenge counts: a three-line program that sets
-    READABLE_SOURCE_BYTES (how main() knows it runs packed) and execs this source, docstrings and comments
-    removed, from an LZMA + base85 string (26% of the readable bytes; docs/packing.md has the measurements).
-    Imports inside, so records/package.py can load this function alone, without torch."""
+    """The train_gpt.py a submission holds (the counted code): three lines that set READABLE_SOURCE_BYTES and exec
+    this source, docstrings and comments removed, from LZMA + base85. Imports inside: records/package.py uses it."""
     import ast, base64, lzma
     tree = ast.parse(code)
     for node in ast.walk(tree):  # nothing reads __doc__
@@ -1692,22 +1534,19 @@ def packed_source(code: bytes) -> bytes:
     source = ast.unparse(tree)
     if ast.dump(ast.parse(source)) != ast.dump(tree):
         raise ValueError("ast.unparse did not reproduce the program; not packing it")
-    # LZMA1 in the .lzma container, which lzma.decompress detects by itself; lc=3 lp=pb=0 nice_len=64 was
-    # the smallest of the settings measured
+    # LZMA1 in the .lzma container, which lzma.decompress detects by itself; the smallest settings measured
     blob = lzma.compress(source.encode(), format=lzma.FORMAT_ALONE, filters=[dict(
         id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0, nice_len=64)])
     return (f"import lzma,base64\nREADABLE_SOURCE_BYTES={len(code)}\n"
             f'exec(lzma.decompress(base64.b85decode("{base64.b85encode(blob).decode()}")))\n').encode()
-
 
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: every validation target scored exactly once, with as much left context as fits
 # ----------------------------------------------------------------------------------------------
 
 def sliding_windows(lo, hi, seq_len, stride):
-    """Windows (start, end, done) scoring targets lo+1..hi (target j is token j, predicted from tokens
-    < j). A window reads tokens[start:end+1] and scores targets done+1..end. The first window starting
-    at token 0 scores a whole sequence; each later one advances by `stride`."""
+    """Windows (start, end, done) scoring targets lo+1..hi (target j is token j): each reads tokens[start:end+1]
+    and scores targets done+1..end. The first (from token 0) scores a whole sequence, each later one `stride`."""
     if stride <= 0 or seq_len <= 0:
         raise ValueError(f"sliding windows need stride > 0 and seq_len > 0, got {stride}, {seq_len}")
     windows, done = [], lo
@@ -1718,11 +1557,9 @@ def sliding_windows(lo, hi, seq_len, stride):
         done = end
     return windows
 
-
 def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
-    """Summed loss (nats), target count and byte count over this rank's share of the windows.
-    Every batch has exactly batch_seqs rows (the last is padded with unscored rows), so a compiled model
-    sees one shape. With `log`, rank 0 reports progress and an ETA about every tenth of the way."""
+    """Summed loss (nats), target count and byte count over the windows, each rank scoring its share. Every batch
+    has batch_seqs rows (the last padded with unscored rows): a compiled model sees one shape."""
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     mine = windows[len(windows) * ctx.rank // ctx.world_size: len(windows) * (ctx.rank + 1) // ctx.world_size]
     starts = range(0, len(mine), batch_seqs)
@@ -1747,32 +1584,24 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
             stats[0] += loss[mask].double().sum()
             stats[1] += mask.sum()
             stats[2] += target_bytes(x[mask], y[mask], luts).sum()
-    return stats
-
-
-def reduce_stats(stats, ctx):
     if ctx.distributed:
         dist.all_reduce(stats)
     return stats
-
 
 def stats_to_metrics(stats):
     loss_sum, count, nbytes = stats.tolist()
     return loss_sum / count, loss_sum / math.log(2) / nbytes
 
-
 def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     """(val_loss, val_bpb). stride == seq_len gives plain non-overlapping evaluation."""
     windows = sliding_windows(0, tokens.numel() - 1, seq_len, stride)
-    stats = reduce_stats(score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log), ctx)
+    stats = score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log)
     model.train()
     return stats_to_metrics(stats)
 
-
 def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
-    """Score-first test-time training. The validation tokens are cut into chunks; each chunk is scored
-    (no grad) with the weights adapted on earlier chunks only, then trained on for TTT_EPOCHS; the last
-    chunk is never trained on. Returns (val_loss, val_bpb, per-chunk stats)."""
+    """Score-first test-time training: each chunk of the validation tokens is scored (no grad) with the weights
+    adapted on earlier chunks only, then (all but the last) trained on -> (val_loss, val_bpb, per-chunk stats)."""
     n, L = tokens.numel() - 1, hp.train_seq_len
     bounds = list(range(0, n, hp.ttt_chunk_tokens)) + [n]
     # one scoring batch shape for every chunk (a compiled model compiles it once): this rank's share of a chunk
@@ -1785,7 +1614,7 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
         lo, hi = bounds[ci], bounds[ci + 1]
         t_score = time.time()
         windows = sliding_windows(lo, hi, L, hp.eval_stride)
-        stats = reduce_stats(score_windows(model, tokens, windows, L, rows, ctx, luts), ctx)
+        stats = score_windows(model, tokens, windows, L, rows, ctx, luts)
         per_chunk.append(stats.cpu())
         score_s += time.time() - t_score
         total += stats
@@ -1846,25 +1675,19 @@ class Context:
             dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
         self.is_main = self.rank == 0
 
-
 def compile_model(model, mode):
-    """COMPILE=1: one graph for the whole model (most fusion). COMPILE=2: each block compiled on its own,
-    so the identical blocks share one compilation: on CPU, cold caches, the default model's first step took
-    70.6 s this way against 172.0 s whole (tools/compile_time.py); on the GPU not yet measured."""
+    """COMPILE=1: one graph for the whole model (most fusion); 2: each block on its own (identical ones share it)."""
     if mode == 1:
         return torch.compile(model, dynamic=False)
     if mode == 2:
-        # one cache entry per block kind x shape x grad mode (training, scoring, TTT): more than dynamo's
-        # default of 8 when attention and Mamba blocks both train, score and adapt
+        # one cache entry per block kind x shape x grad mode (training, scoring, TTT): more than dynamo's 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         for block in model.blocks:
             block.compile(dynamic=False)
     return model
 
-
 def check_ranks_in_sync(model, ctx, log):
-    """Data-parallel training must leave every rank with the same weights; a silent divergence would make rank 0's export
-    differ from the model the other ranks evaluate. One float64 checksum per rank, compared."""
+    """Every rank must hold the same weights (rank 0 exports what all evaluate): a float64 checksum each, compared."""
     if not ctx.distributed:
         return
     with torch.no_grad():
@@ -1875,7 +1698,6 @@ def check_ranks_in_sync(model, ctx, log):
     if any(not torch.equal(s, sums[0]) for s in sums):
         raise RuntimeError("ranks diverged: parameter checksums " + ", ".join(f"{s[0].item():.17g}" for s in sums))
     log(f"ranks in sync: {ctx.world_size} ranks, parameter checksum {sums[0][0].item():.12g}")
-
 
 def layer_map(model):
     """The layers as the final model runs them (with the recurrence, if any)."""
@@ -1892,7 +1714,6 @@ def layer_map(model):
         lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}")
     return "\n".join(lines)
 
-
 def describe(hp, model, log, code_bytes):
     log("config " + json.dumps(hp.resolved, sort_keys=True))
     for note in hp.notes:
@@ -1900,23 +1721,18 @@ def describe(hp, model, log, code_bytes):
     log("layer map:\n" + layer_map(model))
     report = parameter_report(model)
     log("params " + " ".join(f"{k}:{v:,}" for k, v in report.items()))
-    int6 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int6")
-    int8 = sum(p.numel() for n, p in model.named_parameters() if quant_kind(n, p) == "int8")
-    flt = report["total"] - int6 - int8
-    cap = int(hp.target_mb * 1e6)
-    rows = sum(p.size(0) for n, p in model.named_parameters() if quant_kind(n, p) in ("int6", "int8"))
-    # bits a value after compression. Max-abs grids (a step of about 3.3 stds / qmax): a Gaussian row's entropy
-    # on its grid, 2.05 - log2(step / std), plus 0.2 for heavier tails (0.738 bytes a parameter for the 7-layer
-    # hybrid, where 0.735 and 0.736 were measured on the proxy). Std-based grids (QUANT_SIGMAS): 2.10 - log2(step
-    # / std): the record stack's pure-attention proxy run had about 15.87 MB of values before fitting (16,028,196
-    # model bytes with fp32 floats; 15,743,127 after one matrix went to int5), this rule 15.87 MB.
-    # Row scales about a byte each after compression, the float tensors fp16. Trained weights vary: a guide
+    kinds = [(quant_kind(n, p), p) for n, p in model.named_parameters()]
+    int6, int8 = (sum(p.numel() for k, p in kinds if k == kind) for kind in ("int6", "int8"))
+    flt, cap = report["total"] - int6 - int8, int(hp.target_mb * 1e6)
+    rows = sum(p.size(0) for k, p in kinds if k != "float")
+    # bytes a value after compression, fitted on trained runs (a guide: trained weights vary): a Gaussian row's
+    # entropy on its grid, 2.05 - log2(step / std), + 0.2 for heavier tails at max-abs steps (about 3.3 stds / qmax);
+    # 2.10 - log2(step / std) at std-based ones. Row scales about a byte each, the float tensors fp16
     def value_bytes(qmax, sigmas):
         return (2.10 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
     expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
                    + rows + 2 * flt + code_bytes)
-    log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code "
-        f"(cap {cap:,})")
+    log(f"export: int6 {int6:,} int8 {int8:,} float {flt:,} -> about {expected:,} bytes with code (cap {cap:,})")
     if expected > cap:
         log(f"WARNING: this configuration will likely not fit TARGET_MB={hp.target_mb} (about {expected - cap:,} bytes "
             f"over, {100 * (expected - cap) / cap:.2f}%): the export will lower the cheapest matrices' bit widths "
@@ -1924,14 +1740,11 @@ def describe(hp, model, log, code_bytes):
             "MAMBA_EXPAND or VOCAB_SIZE, or widen the grids (QUANT_SIGMAS, QUANT_EMBED_SIGMAS).")
     return report
 
-
 def smoke_corpus_maker():
     return Path(__file__).resolve().parent / "data" / "smoke_corpus.py"
 
-
 def make_smoke_corpus(root, vocab_size):
-    """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (a development
-    aid, not part of a submission's counted code)."""
+    """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (not counted code)."""
     path = smoke_corpus_maker()
     if not path.is_file():
         raise SystemExit(f"SMOKE=1 needs {path}: run it from the project, where data/ holds the corpus maker")
@@ -1940,7 +1753,6 @@ def make_smoke_corpus(root, vocab_size):
     spec.loader.exec_module(module)
     return module.make_smoke_corpus(root, vocab_size)
 
-
 def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
     """Bits per byte of a unigram model fit on train (add-one), on the validation targets."""
     counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1
@@ -1948,11 +1760,8 @@ def unigram_bpb(train_tokens, val_tokens, vocab_size, luts):
     tgt, prev = val_tokens[1:].long(), val_tokens[:-1].long()
     return float(-logp[tgt].sum() / target_bytes(prev, tgt, luts).sum())
 
-
 def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
-    """The compressed model, fit under TARGET_MB with the code counted, made and written by rank 0 alone. Returns
-    (path, artifact bytes including code). Compression and any lowering of bit widths run on the
-    Hessians already collected inside the training clock; their time is reported here, as export."""
+    """The model fit under TARGET_MB with the code, written by rank 0 alone -> (path, artifact bytes with code)."""
     t0, cap = time.time(), int(hp.target_mb * 1e6)
     path, failure = f"logs/{hp.run_id}.artifact", None
     if ctx.is_main:  # one rank compresses: eight ranks at once would share the CPU cores eight ways
@@ -1970,7 +1779,6 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     log(f"artifact: {path} model_bytes:{total - code_bytes} code_bytes:{code_bytes} total:{total} (cap {cap}) "
         f"in {time.time() - t0:.1f}s; parts {parts}")
     return path, total
-
 
 def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
     """Roundtrip (plain), sliding and TTT scores of the loaded artifact; val_bpb is the last one run."""
@@ -1991,14 +1799,12 @@ def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
         log(f"ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     return scores
 
-
 def stop_on_problems(problems, quiet=False):
     """Every problem found before any work, one 'error:' line each, then exit code 2 (no traceback)."""
     if problems:
         if not quiet:  # under torchrun every rank finds the same problems: rank 0 says them
             print("\n".join(f"error: {p}" for p in problems), file=sys.stderr, flush=True)
         sys.exit(2)
-
 
 def main():
     t_start = time.time()
@@ -2022,12 +1828,11 @@ def main():
     code_bytes, code_sha256 = len(code), hashlib.sha256(code).hexdigest()
     code_line = f"code_bytes:{code_bytes} (packed) readable_bytes:{globals().get('READABLE_SOURCE_BYTES', len(own))}"
     if hp.dry_run:
-        if quiet:  # torchrun starts every rank: one prints
-            return
-        with torch.device("meta"):
-            model = HybridGPT(hp)
-        print(code_line)
-        describe(hp, model, print, code_bytes)
+        if not quiet:  # torchrun starts every rank: one prints
+            with torch.device("meta"):
+                model = HybridGPT(hp)
+            print(code_line)
+            describe(hp, model, print, code_bytes)
         return
     ctx = Context()
     hp.resolve_world(ctx.world_size)  # checked above: sets GRAD_ACCUM_STEPS
@@ -2083,7 +1888,8 @@ def main():
     model = compile_model(base_model, hp.compile) if ctx.device.type == "cuda" else base_model
     opts = build_optimizers(base_model, hp)
     loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
-    batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * hp.train_seq_len))
+    L = hp.train_seq_len
+    batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * L))
 
     if hp.warmup_steps:  # prime compile and kernels, then restore the initial state
         orders = [False, True] if hp.recur_layers else [False]  # both layer orders compile here, untimed
@@ -2116,7 +1922,7 @@ def main():
 
     def validate(step):
         with clock.paused():  # validation is not training time
-            vl, vb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx, luts)
+            vl, vb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts)
         log(f"step:{step}/{hp.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f}")
 
     step, ema = train_loop(model, base_model, opts, loader, hp, ctx, clock, log, validate)
@@ -2129,24 +1935,19 @@ def main():
     # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
     if ema is not None:
         ema.copy_to(base_model)
-    # evaluation runs the compiled model too; every eval batch has one shape, so each of scoring and TTT's
-    # adapting compiles once
     log("prequant: scoring the weights before quantization (not timed)")
     t_pre = time.time()
     with clock.paused():
-        prequant_loss, prequant_bpb = evaluate(model, val_tokens, hp.train_seq_len, hp.train_seq_len, batch_seqs, ctx,
-                                               luts, log)
+        prequant_loss, prequant_bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} ({time.time() - t_pre:.1f}s)")
-    # the tied embedding is the output head too: GPTQ on the head's Hessian took its val_bpb cost from
-    # +0.00135 to +0.00076 at QUANT_EMBED_SIGMAS=20, +0.3% bytes (tools/quant_study.py section 6)
+    # the tied embedding is the output head too: GPTQ on the head's Hessian (tools/quant_study.py)
     names = [n for n, p in base_model.state_dict().items() if quant_kind(n, p) == "int6"]
     names += ["tok_emb.weight"] if base_model.lm_head is None else []
     hessians = {}
-    if hp.gptq_calib_tokens >= hp.train_seq_len:
-        ncal = hp.gptq_calib_tokens // hp.train_seq_len
-        cal = [loader.next_batch(hp.train_seq_len * min(batch_seqs, ncal - i), hp.train_seq_len)
-               for i in range(0, ncal, batch_seqs)]
-        log(f"hessians: {len(names)} matrices from {ncal * hp.train_seq_len:,} tokens a rank in {len(cal)} batches")
+    if hp.gptq_calib_tokens >= L:
+        ncal = hp.gptq_calib_tokens // L
+        cal = [loader.next_batch(L * min(batch_seqs, ncal - i), L) for i in range(0, ncal, batch_seqs)]
+        log(f"hessians: {len(names)} matrices from {ncal * L:,} tokens a rank in {len(cal)} batches")
         t_h = time.time()
         hessians = collect_hessians(base_model, cal, ctx, names, log)
         log(f"hessians: done in {time.time() - t_h:.1f}s")
@@ -2170,8 +1971,7 @@ def main():
     eval_seconds = time.time() - t_eval
     summary = dict(
         **scores, val_bpb_prequant=prequant_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
-        code_sha256=code_sha256,
-        model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
+        code_sha256=code_sha256, model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
         train_seconds=round(train_seconds, 2), step_ms=round(step_ms, 2),
         train_tokens_per_s=round(hp.train_batch_tokens * step / max(train_loop_s, 1e-9)),
         eval_seconds=round(eval_seconds, 2),
@@ -2185,7 +1985,6 @@ def main():
     if ctx.distributed:
         dist.barrier()  # every rank done with the shards (SMOKE's are removed when rank 0 exits)
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     try:
