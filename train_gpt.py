@@ -568,7 +568,8 @@ def import_without_package_init(package, module):
 def load_fast_kernels():
     """{call site: (implementation, name) or (None, why not)} for the GPU libraries that import here."""
     found = {}
-    # mamba_ssm's kernels autotune per shape (minutes): Triton's disk cache keeps the choices. Set before import
+    # mamba_ssm's kernels autotune per shape (minutes): Triton's disk cache keeps the choices of those whose
+    # configs have no pre-hook (forward ones) for the next run on the machine. Read at import, so set first
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         ssd = import_without_package_init("mamba_ssm", "ops.triton.ssd_combined")
