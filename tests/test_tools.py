@@ -3,6 +3,7 @@ device only; the launcher is tested here with a stand-in for the proxy runner, w
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,13 +92,13 @@ def test_side_by_side_refuses_bad_input_before_starting_anything(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def queue(tmp_path, *args, runner=None):
+def queue(tmp_path, *args, runner=None, **env):
     """tools/proxy_queue.sh with a stub runner (written when given: the queue's worker reads it later)."""
     tmp_path.mkdir(exist_ok=True)
     if runner is not None:
         (tmp_path / "runner.sh").write_text(runner)
     env = dict(os.environ, PROXY_RUNNER=str(tmp_path / "runner.sh"), PROXY_QUEUE_DIR=str(tmp_path / "queue"),
-               OUT=str(tmp_path / "out"), MAX_WALLCLOCK_SECONDS="150")
+               OUT=str(tmp_path / "out"), MAX_WALLCLOCK_SECONDS="150", **env)
     script = Path(__file__).resolve().parents[1] / "tools" / "proxy_queue.sh"
     return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60)
 
@@ -122,6 +123,12 @@ def test_queue_runs_one_after_another_detached_and_wait_brings_them_back(tmp_pat
     assert (b["SEED"], b["MAMBA_LAYERS"], b["CUDA_VISIBLE_DEVICES"], b["MAX_WALLCLOCK_SECONDS"]) == ("42", "", None, "150")
     assert "hybrid-default-seed1337: steps 10 step_ms 1.5" in r.stdout and "crashed-seed1337: no summary" in r.stdout
     assert [p.name for p in (tmp_path / "out").glob("*.console")] == ["crashed-seed1337.console"]
+    # a later wait brings back only what it has not brought yet, unless asked for all
+    shutil.rmtree(tmp_path / "out")
+    r = queue(tmp_path, "wait", "1")
+    assert "hybrid-default-seed1337: steps 10" in r.stdout and not list((tmp_path / "out").iterdir())
+    queue(tmp_path, "wait", "1", PROXY_COLLECT_ALL="1")
+    assert len(list((tmp_path / "out").glob("*.json"))) == 2
 
 
 def test_queue_wait_reports_a_run_still_going_and_refuses_bad_input(tmp_path):

@@ -7,8 +7,9 @@
 # Each argument is a label, then that run's settings (SEED defaults to 1337; RUN_ID <label>-seed<SEED>);
 # settings for all come from the environment. Every run uses all the machine's GPUs and stops after
 # PROXY_TIMEOUT seconds (default 1500). `wait SECONDS` returns when the queue is done or after SECONDS,
-# with each finished run's .log and .json (.console too when it left no summary) in $OUT, a line per
-# run, and the last lines of the one running. One queue at a time per machine.
+# with the .log and .json (.console too when it left no summary) of each run finished since the last wait
+# in $OUT (the device tool brings back 8 files a call; PROXY_COLLECT_ALL=1: every finished run's), a line
+# per run, and the last lines of the one running. One queue at a time per machine.
 set -uo pipefail
 source "$(dirname "$0")/proxy_specs.sh"
 runner=${PROXY_RUNNER:-.bench/run_proxy.sh}
@@ -24,8 +25,11 @@ if [ "${1:-}" = wait ]; then
   mkdir -p "$out"
   while read -r id; do
     if [ -f "$queue/$id.finished" ]; then
-      cp "$queue/out/$id".* "$out/" 2>/dev/null
-      [ -s "$queue/out/$id.json" ] || cp "$queue/$id.console" "$out/"
+      if [ ! -f "$queue/$id.collected" ] || [ -n "${PROXY_COLLECT_ALL:-}" ]; then
+        cp "$queue/out/$id".* "$out/" 2>/dev/null
+        [ -s "$queue/out/$id.json" ] || cp "$queue/$id.console" "$out/"
+        touch "$queue/$id.collected"
+      fi
       summary_line "$queue/out/$id.json" "$id"
     elif [ -f "$queue/$id.console" ]; then
       echo "$id: running"; tail -n 3 "$queue/$id.console" | cut -c1-300
