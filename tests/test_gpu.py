@@ -124,7 +124,6 @@ def test_model_loss_and_grads_kernels_vs_fallback(fast):
         out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (lk, gk), (lf, gf) = out
     assert abs(lk - lf) / abs(lf) < 1e-2
-    assert rel_err(torch.cat([g.flatten() for g in gk.values()]), torch.cat([g.flatten() for g in gf.values()])) < 2e-2
     # A gradient of a few elements is a sum over every position with heavy cancellation: in bf16 it moves
     # more between two correct paths (measured 6.4% on a 4-head q_gain on an H200) than a matrix's does.
     bad = {n: round(rel_err(gk[n], gf[n]), 4) for n in gf
