@@ -32,7 +32,7 @@ DATA_PATH_NAME = re.compile(r"(?:^|/)fineweb\w*_sp(\d+)$")
 
 DOWNLOAD_HINT = ("MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py "
                  "--variant sp8192 --train-shards 128")
-# Mamba-2 everywhere but the last layer, which keeps attention (docs/ has the search behind it)
+# Mamba-2 everywhere but the last layer, which keeps attention: a placeholder on the record stack (docs/experiments.md)
 DEFAULT_MAMBA_LAYERS = "0,1,2,3,4,5,6,7,8,9"
 # SMOKE swaps in these defaults (a user's env still wins) so the whole pipeline runs in minutes on a CPU.
 SMOKE_DEFAULTS = dict(
@@ -91,6 +91,8 @@ class Hyperparameters:
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
+        # where a Mamba block takes LN_SCALE's factor: on its mixer's input, or on the mixer's output
+        self.mamba_norm_scale = self._choice("MAMBA_NORM_SCALE", "input", ("input", "output"))
         self.skip_gates = self._flag("SKIP_GATES", 1)  # 1: U-Net skips mixed in by learned sigmoid gates
         # 1: each token's embedding takes in the previous token's, gated, never across a document start (SmearGate)
         self.smear_gate = self._flag("SMEAR_GATE", 0)
@@ -782,18 +784,21 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim)) if self.mlp is not None else None
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
         self.norm_scale = 1 / math.sqrt(index + 1) if hp.ln_scale else 1.0
+        # Mamba-2 RMS-normalizes its own output: a smaller input cannot shrink its update, a scaled output can
+        self.scale_mixer_output = is_mamba and hp.mamba_norm_scale == "output"
         self.parallel = bool(hp.parallel_from) and index >= hp.parallel_from and self.mlp is not None
 
-    def norm(self, x):
-        return F.rms_norm(x, (x.size(-1),)) * self.norm_scale
+    def norm(self, x, scale):
+        return F.rms_norm(x, (x.size(-1),)) * scale
 
     def forward(self, x, x0):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        out = x + self.mixer_scale.to(x.dtype) * self.mixer(self.norm(x))
+        inner, outer = (1.0, self.norm_scale) if self.scale_mixer_output else (self.norm_scale, 1.0)
+        out = x + self.mixer_scale.to(x.dtype) * self.mixer(self.norm(x, inner)) * outer
         if self.mlp is None:
             return out
-        return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.parallel else out))
+        return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.parallel else out, self.norm_scale))
 
 class BigramHash(nn.Module):
     """An embedding of a hash of (previous token, token), projected into the residual stream."""

@@ -218,6 +218,30 @@ def test_block_sequential_and_parallel_residuals_and_norm_scale():
     assert "layer  2 decoder: attention||mlp <- skip from layer 1" in tg.layer_map(model)
 
 
+def test_mamba_norm_scale_output_moves_the_factor_past_the_mamba_mixer():
+    """MAMBA_NORM_SCALE=output: a Mamba block's mixer reads the plain RMS norm and its output is scaled by
+    1/sqrt(i+1); its MLP and every attention block keep the scaled input. The default (input) is LN_SCALE's."""
+    from util import randomize_weights
+    env = dict(NUM_LAYERS=4, MAMBA_LAYERS="1,3", PARALLEL_FROM=0, RECUR_LAYERS="")
+    base = randomize_weights(tg.HybridGPT(make_hp(**env)), seed=5)
+    moved = tg.HybridGPT(make_hp(MAMBA_NORM_SCALE="output", **env))
+    moved.load_state_dict(base.state_dict())
+    assert [b.scale_mixer_output for b in moved.blocks] == [False, True, False, True]
+    assert not any(b.scale_mixer_output for b in base.blocks)
+    x, x0 = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    with torch.no_grad():
+        for k, b in enumerate(moved.blocks):
+            s, start = b.norm_scale, b.resid_mix[0] * x + b.resid_mix[1] * x0
+            mixer_in, mixer_out = (1.0, s) if k in (1, 3) else (s, 1.0)
+            mid = start + b.mixer_scale * b.mixer(F.rms_norm(start, (64,)) * mixer_in) * mixer_out
+            torch.testing.assert_close(b(x, x0), mid + b.mlp_scale * b.mlp(F.rms_norm(mid, (64,)) * s))
+            if k in (0, 2):  # attention blocks are as they were
+                torch.testing.assert_close(b(x, x0), base.blocks[k](x, x0))
+        assert not torch.allclose(moved.blocks[3](x, x0), base.blocks[3](x, x0))
+    with pytest.raises(tg.ConfigError, match="MAMBA_NORM_SCALE='both': expected one of input, output"):
+        make_hp(MAMBA_NORM_SCALE="both")
+
+
 def reference_hidden(model, ids):
     """The U-Net by hand: encoder outputs pushed, decoder layers take them back in reverse, each gated skip
     being sigmoid(g) * x + (1 - sigmoid(g)) * w * skip, or x + w * skip without gates."""
