@@ -405,10 +405,13 @@ def load_data_shard(path) -> Tensor:
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
 
+def shard_paths(data_path, split):
+    return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+
 def data_problems(hp):
     """What the data and the tokenizer lack, one line a problem, in the order a user fixes them (headers only)."""
     problems, where = [], f"DATA_PATH={hp.data_path}"
-    files = {split: sorted(glob.glob(os.path.join(hp.data_path, f"fineweb_{split}_*.bin"))) for split in ("train", "val")}
+    files = {split: shard_paths(hp.data_path, split) for split in ("train", "val")}
     if not os.path.isdir(hp.data_path):
         problems.append(f"{where} does not exist: download the data: {DOWNLOAD_HINT} (or set DATA_PATH to your shards)")
     else:
@@ -448,7 +451,7 @@ def data_problems(hp):
     return problems
 
 def shard_files(data_path, split):
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = shard_paths(data_path, split)
     if not files:
         raise FileNotFoundError(f"no {split} shards (fineweb_{split}_*.bin) in DATA_PATH={data_path}; "
                                 f"download them: {DOWNLOAD_HINT} (or tokenize your own: data/tokenize_corpus.py)")
