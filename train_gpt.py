@@ -798,7 +798,7 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         inner, outer = (1.0, self.norm_scale) if self.scale_mixer_output else (self.norm_scale, 1.0)
-        out = x + self.mixer_scale.to(x.dtype) * self.mixer(self.norm(x, inner)) * outer
+        out = x + (self.mixer_scale * outer).to(x.dtype) * self.mixer(self.norm(x, inner))  # on the gain, not the activations
         if self.mlp is None:
             return out
         return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.parallel else out, self.norm_scale))
