@@ -9,7 +9,7 @@ GPTQ + LZMA export, and sliding-window / score-first TTT evaluation. Launch:
 """
 from __future__ import annotations
 
-import atexit, contextlib, copy, glob, hashlib, heapq, importlib.util, json, lzma, math, os, random, re, shutil, sys, tempfile, time, uuid
+import atexit, contextlib, copy, glob, hashlib, heapq, importlib.util, json, lzma, math, os, random, re, shutil, signal, sys, tempfile, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -1309,13 +1309,6 @@ def collect_hessians(model, batches, ctx, names, log=None):
             dist.all_reduce(H)
     return hessians
 
-def quantize_matrix(w, H, kind, clip=True, sigmas=0.0):
-    """-> (q, scale) on the CPU: GPTQ where there is a Hessian, else round-to-nearest."""
-    if H is None:
-        return quantize_rtn(w, QMAX[kind], sigmas)
-    q, s = quantize_gptq(w, H, QMAX[kind], clip=clip, sigmas=sigmas)
-    return q.cpu(), s.cpu()
-
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
     """-> {name: (kind, q, scale)}: int6 matrices and int8 tables, by GPTQ where a Hessian exists (RTN without one,
     or past the deadline), float (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids'
@@ -1496,7 +1489,9 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
         lower = LOWER_KIND.get(kind)
         if lower is None or int(lower[3:]) < min_bits:
             return None
-        q2, s2 = quantize_matrix(weights[name], hessians.get(name), lower, clip, sigmas=sigmas)
+        w, H = weights[name], hessians.get(name)  # GPTQ where there is a Hessian, else round-to-nearest
+        q2, s2 = (t.cpu() for t in (quantize_rtn(w, QMAX[lower], sigmas) if H is None else
+                                    quantize_gptq(w, H, QMAX[lower], clip=clip, sigmas=sigmas)))
         err2 = weighted_error(name, q2, s2)
         price = max(err2 - errors[name], 0.0) / max(entropy_bytes(q) - entropy_bytes(q2), 1.0)
         return price, name, lower, q2, s2, err2
@@ -1754,10 +1749,7 @@ def smoke_corpus_maker():
 
 def make_smoke_corpus(root, vocab_size):
     """SMOKE's self-made corpus and tokenizer, from data/smoke_corpus.py beside this script (not counted code)."""
-    path = smoke_corpus_maker()
-    if not path.is_file():
-        raise SystemExit(f"SMOKE=1 needs {path}: run it from the project, where data/ holds the corpus maker")
-    spec = importlib.util.spec_from_file_location("smoke_corpus", path)
+    spec = importlib.util.spec_from_file_location("smoke_corpus", smoke_corpus_maker())  # main() checked it exists
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.make_smoke_corpus(root, vocab_size)
@@ -1859,6 +1851,7 @@ def main():
         if ctx.is_main:  # one corpus, made by rank 0, removed at exit whether the run succeeds or fails
             smoke_dir = tempfile.mkdtemp(prefix="smoke_")
             atexit.register(shutil.rmtree, smoke_dir, ignore_errors=True)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed by timeout or torchrun: atexit runs too
             try:
                 make_smoke_corpus(smoke_dir, hp.vocab_size)
             except RuntimeError:  # SentencePiece cannot train this VOCAB_SIZE on the smoke text
@@ -1942,10 +1935,14 @@ def main():
     log(f"training stopped at step {step} after {train_loop_s:.1f}s ({step_ms:.1f} ms/step)")
 
     # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
-    if ema is not None:
+    log(f"prequant: scoring the weights before quantization (not timed){', the last ones, then their EMA' * (ema is not None)}")
+    raw_bpb, t_pre = None, time.time()
+    if ema is not None:  # the last weights' score too: what the average gains, per model
+        with clock.paused():
+            raw_bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)[1]
+        log(f"raw (before EMA) val_bpb:{raw_bpb:.4f} ({time.time() - t_pre:.1f}s)")
         ema.copy_to(base_model)
-    log("prequant: scoring the weights before quantization (not timed)")
-    t_pre = time.time()
+        t_pre = time.time()
     with clock.paused():
         prequant_loss, prequant_bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} ({time.time() - t_pre:.1f}s)")
@@ -1979,7 +1976,7 @@ def main():
     scores = final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log)
     eval_seconds = time.time() - t_eval
     summary = dict(
-        **scores, val_bpb_prequant=prequant_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
+        **scores, val_bpb_prequant=prequant_bpb, val_bpb_raw=raw_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
         code_sha256=code_sha256, model_bytes=artifact_bytes - code_bytes, params=report["total"], steps=step,
         train_seconds=round(train_seconds, 2), step_ms=round(step_ms, 2),
         train_tokens_per_s=round(hp.train_batch_tokens * step / max(train_loop_s, 1e-9)),

@@ -85,6 +85,9 @@ def test_smoke_runs_the_whole_pipeline(tmp_path):
                 "eval_seconds", "peak_mem_gib", "config"):
         assert key in s, key
     assert s["val_bpb"] == s["val_bpb_ttt"] and s["val_bpb"] < 0.8 * s["unigram_bpb"], s
+    # SMOKE keeps an EMA: the last weights are scored apart from their average
+    assert isinstance(s["val_bpb_raw"], float) and s["val_bpb_raw"] != s["val_bpb_prequant"]
+    assert f"raw (before EMA) val_bpb:{s['val_bpb_raw']:.4f}" in r.stdout
     readable = (ROOT / "train_gpt.py").read_bytes()
     code = tg.packed_source(readable)  # what the challenge counts: the packed file, not the readable source
     assert s["code_bytes"] == len(code) and s["code_sha256"] == __import__("hashlib").sha256(code).hexdigest()
@@ -144,6 +147,24 @@ def test_smoke_corpus_removed_after_a_failing_run(tmp_path):
                          tmp_path, timeout=300)
     assert r.returncode != 0 and "over the cap" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     assert "device:cpu" in r.stdout  # it got past the corpus, into the run
+    assert not list((tmp_path / "tmp").glob("smoke_*"))
+
+
+def test_smoke_corpus_removed_when_the_run_is_terminated(tmp_path):
+    """SIGTERM (what timeout and torchrun send) mid-run: the run exits 143 and SMOKE's corpus goes with it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(SMOKE="1", RUN_ID="terminated", PYTHONUNBUFFERED="1", **temp_under(tmp_path))
+    p = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    for line in p.stdout:  # training has started: the corpus exists
+        seen.append(line)
+        if line.startswith("step:"):
+            break
+    assert list((tmp_path / "tmp").glob("smoke_*")), "".join(seen)[-2000:]
+    p.terminate()
+    p.communicate(timeout=60)
+    assert p.returncode == 143
     assert not list((tmp_path / "tmp").glob("smoke_*"))
 
 
