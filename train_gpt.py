@@ -544,8 +544,8 @@ def causal_conv1d(x, weight, bias):
     """Depthwise causal conv + SiLU, channels last. x: (B, L, C); weight: (C, K); bias: (C,). The fallback is
     shift-and-add, not F.conv1d: the (B, L, C) layout needs no transposes and compiles into one fused kernel."""
     if KERNELS["causal_conv1d"] is not None and x.is_cuda:
-        # the kernel's channel-last (B, C, L) is a transposed view of a contiguous (B, L, C); x is a slice: copied
-        return KERNELS["causal_conv1d"](x.contiguous().transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype),
+        # a contiguous (B, C, L): with the channel-last view the kernel writes a strided out=, a torch.compile break
+        return KERNELS["causal_conv1d"](x.transpose(1, 2).contiguous(), weight.to(x.dtype), bias.to(x.dtype),
                                         activation="silu").transpose(1, 2)
     return causal_conv1d_torch(x, weight, bias)
 
