@@ -216,6 +216,21 @@ def test_install_gpu_builds_a_given_conv1d_sdist_for_hopper_only(tmp_path):
     assert sm90_edit(sdist, tmp_path) == (0, "", "['-gencode', 'arch=compute_90,code=sm_90']")
 
 
+def test_install_gpu_builds_only_a_conv1d_wheel_when_asked(tmp_path):
+    """CONV1D_WHEEL_DIR: the same sm_90 build as a wheel into that folder, and nothing else (no mamba-ssm, no
+    FlashAttention, no kernel check: the machine that builds it need not have a GPU); without CONV1D_SDIST it is
+    an error before anything runs. The nvcc build itself ran by hand (docs/kernels.md), not here."""
+    sdist = conv1d_sdist(tmp_path, "print('setup')\n")
+    r = install_gpu(ROOT / "tools", CONV1D_SDIST=str(sdist), CONV1D_WHEEL_DIR=str(tmp_path / "wheels"))
+    assert r.returncode == 0, r.stderr
+    commands = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert len(commands) == 3 and commands[0].startswith("+ tar xzf ") and commands[1].startswith("+ python3 - "), r.stdout
+    assert commands[2].startswith("+ env CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=16 python3 -m pip wheel "
+                                  "--no-build-isolation --no-deps /") and commands[2].endswith(f" -w {tmp_path / 'wheels'}")
+    r = install_gpu(ROOT / "tools", CONV1D_WHEEL_DIR=str(tmp_path / "wheels"))
+    assert r.returncode == 1 and "builds a wheel from CONV1D_SDIST, which is not set" in r.stderr and not r.stdout, r
+
+
 def test_install_gpu_refuses_a_conv1d_sdist_it_cannot_build_as_asked(tmp_path):
     """A setup.py without the line the edit keys on is an error, not a silent build for every GPU; a missing
     file or another version's sdist stops the script before anything is installed."""

@@ -5,6 +5,8 @@
 #   bash tools/install_gpu.sh            # all three
 #   SKIP_FA3=1 bash tools/install_gpu.sh # e.g. without FlashAttention 3 (torch's cuDNN SDPA is then used)
 #   PRINT_ONLY=1 bash tools/install_gpu.sh  # the install commands, with the versions from requirements.txt
+#   CONV1D_SDIST=... CONV1D_WHEEL_DIR=.whl bash tools/install_gpu.sh  # only a causal-conv1d wheel, built with
+#       this python's torch and nvcc (no GPU needed), for a GPU machine with that torch and no network
 # Ends by printing which implementation each kernel call site will use.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)  # tools/ in the project, or a record folder beside train_gpt.py
@@ -34,6 +36,10 @@ if [ -n "${CONV1D_SDIST:-}" ]; then  # checked here too, before anything is inst
     exit 1
   fi
 fi
+if [ -n "${CONV1D_WHEEL_DIR:-}" ] && [ -z "${CONV1D_SDIST:-}" ]; then
+  echo "install_gpu.sh: CONV1D_WHEEL_DIR=$CONV1D_WHEEL_DIR builds a wheel from CONV1D_SDIST, which is not set" >&2
+  exit 1
+fi
 
 # mamba-ssm: only its Triton SSD kernels are used. MAMBA_SKIP_CUDA_BUILD skips compiling the Mamba-1
 # selective-scan extension (many minutes of nvcc) and MAMBA_FORCE_BUILD keeps setup.py from fetching a
@@ -42,8 +48,10 @@ fi
 # __init__, so nothing in site-packages needs editing. --no-deps: its declared dependencies
 # (transformers, tilelang, quack-kernels, ...) are for parts we do not import; the SSD needs einops and
 # packaging, which requirements.txt lists.
-run python3 -m pip install einops packaging
-run env MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $pip_install --no-deps "$mamba_ssm"
+if [ -z "${CONV1D_WHEEL_DIR:-}" ]; then
+  run python3 -m pip install einops packaging
+  run env MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $pip_install --no-deps "$mamba_ssm"
+fi
 
 # causal-conv1d: its setup.py downloads the release wheel that matches torch, CUDA and the C++ ABI when
 # one exists; otherwise it compiles for every GPU generation its CUDA knows (its own -gencode list, which
@@ -61,6 +69,11 @@ if text.count(mark) != 1:
     sys.exit(f"install_gpu.sh: {path} has no single '{mark.strip()}' line to put the sm_90-only list before")
 open(path, "w").write(text.replace(mark, '    cc_flag = ["-gencode", "arch=compute_90,code=sm_90"]\n' + mark))
 PY
+  if [ -n "${CONV1D_WHEEL_DIR:-}" ]; then  # the wheel only, then stop: nothing else is for this machine
+    run env CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} python3 -m pip wheel --no-build-isolation \
+      --no-deps "$src" -w "$CONV1D_WHEEL_DIR"
+    exit 0
+  fi
   run env CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} $pip_install --no-deps "$src"
 elif [ -z "${SKIP_CAUSAL_CONV1D:-}" ]; then
   run env MAX_JOBS=${MAX_JOBS:-16} $pip_install "$causal_conv1d"
