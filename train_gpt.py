@@ -1526,20 +1526,42 @@ def fit_to_cap(quantized, model, hessians, limit_bytes, min_bits=4, clip=True, l
 
 def packed_source(code: bytes) -> bytes:
     """The train_gpt.py a submission holds (the counted code): three lines that set READABLE_SOURCE_BYTES and exec
-    this source, docstrings and comments removed, from LZMA + base85. Imports inside: records/package.py uses it."""
-    import ast, base64, lzma
-    tree = ast.parse(code)
+    this source less docstrings, comments and blank lines, from LZMA + base85. The rest is kept as written (not
+    ast.unparse, which prints differently on each Python), so every Python packs it to the same bytes."""
+    import ast, base64, io, lzma, tokenize  # here: records/package.py compiles this function alone
+    tree, lines = ast.parse(code), code.splitlines()
+    cuts, kept = {}, set()  # row -> [(start, end or None: the line's end, replacement)] in UTF-8 byte columns
+    for tok in tokenize.tokenize(io.BytesIO(code).readline):
+        if tok.type == tokenize.COMMENT:
+            cuts.setdefault(tok.start[0], []).append((len(tok.line[:tok.start[1]].encode()), None, b""))
+        elif tok.start[0] != tok.end[0] and tok.type != tokenize.NL:  # inside a multi-line string: kept as it is
+            kept.update(range(tok.start[0], tok.end[0]))
     for node in ast.walk(tree):  # nothing reads __doc__
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    source = ast.unparse(tree)
-    if ast.dump(ast.parse(source)) != ast.dump(tree):
-        raise ValueError("ast.unparse did not reproduce the program; not packing it")
+            doc, node.body = body[0], body[1:] or [ast.Pass()]
+            for row in range(doc.lineno, doc.end_lineno + 1):
+                kept.discard(row)
+                cuts.setdefault(row, []).append((doc.col_offset if row == doc.lineno else 0,
+                                                 doc.end_col_offset if row == doc.end_lineno else None,
+                                                 b"pass" if row == doc.lineno and not body[1:] else b""))
+    out = []
+    for row, line in enumerate(lines, 1):
+        for start, end, new in sorted(cuts.get(row, []), reverse=True):
+            line = line[:start] + new + (line[end:] if end is not None else b"")
+        if row in kept or line.strip():
+            out.append(line if row in kept else line.rstrip())
+    source = b"\n".join(out) + b"\n"
+    try:
+        same = ast.dump(ast.parse(source)) == ast.dump(tree)
+    except SyntaxError:  # e.g. a docstring with a statement after it on its line
+        same = False
+    if not same:
+        raise ValueError("removing docstrings and comments changed the program; not packing it")
     # LZMA1 in the .lzma container, which lzma.decompress detects by itself; the smallest settings measured
-    blob = lzma.compress(source.encode(), format=lzma.FORMAT_ALONE, filters=[dict(
+    blob = lzma.compress(source, format=lzma.FORMAT_ALONE, filters=[dict(
         id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0, nice_len=64)])
     return (f"import lzma,base64\nREADABLE_SOURCE_BYTES={len(code)}\n"
             f'exec(lzma.decompress(base64.b85decode("{base64.b85encode(blob).decode()}")))\n').encode()

@@ -684,6 +684,53 @@ def test_packed_source_runs_the_program_without_its_docstrings():
         tg.packed_source(b"def broken(:\n")
 
 
+def packed_text(packed):
+    """The source a packed file execs."""
+    import base64, lzma
+    return lzma.decompress(base64.b85decode(re.search(rb'b85decode\("(.*)"\)', packed).group(1)))
+
+
+def test_packed_source_keeps_the_text_as_written_less_comments_docstrings_and_blank_lines():
+    """Line for line the source, not a re-printed syntax tree: quotes, parentheses and f-strings as written
+    (ast.unparse re-quoted f-strings on Python 3.12 into a form 3.10 and 3.11 cannot parse, and packed to other
+    bytes there), a multi-line string's text untouched (blank lines, trailing spaces, a '#'), a body that was only
+    a docstring left a pass, UTF-8 columns right after a non-ASCII character."""
+    code = ('"""Module doc, \u2581 non-ASCII."""\n\nimport math  # a comment\nx = ("a")  # \u2581\n'
+            'y = f"{\', \'.join([\'p\', \'q\'])}"\n\n# a line of comment\nTEXT = """first   \n\n# kept\n"""\n'
+            'def f(): """one line."""; return x\n'
+            'def g():\n    """Two\n    lines."""\n').encode()
+    want = ('import math\nx = ("a")\ny = f"{\', \'.join([\'p\', \'q\'])}"\nTEXT = """first   \n\n# kept\n"""\n'
+            'def f(): ; return x\ndef g():\n    pass\n')
+    with pytest.raises(ValueError, match="changed the program"):  # a docstring with a statement after it on its line
+        tg.packed_source(code)
+    code = code.replace(b'def f(): """one line."""; return x', b'def f(): """one line."""\n')
+    want = want.replace("def f(): ; return x\n", "def f(): pass\n")
+    text = packed_text(tg.packed_source(code)).decode()
+    assert text == want, text
+    namespace = {}
+    exec(text, namespace)
+    assert namespace["TEXT"] == "first   \n\n# kept\n" and namespace["y"] == "p, q" and namespace["g"]() is None
+
+
+def test_packed_source_is_the_same_bytes_on_every_python_here():
+    """A run on the GPU machine's Python and the packager on another count the same code_bytes: every python3.N
+    on PATH packs train_gpt.py to one file (skipped where this is the only Python)."""
+    import shutil
+    others = [p for p in {shutil.which(f"python3.{minor}") for minor in range(10, 15)} - {None}
+              if subprocess.run([p, "-c", "import sys; sys.exit(sys.version_info[:2] == %r)" % (sys.version_info[:2],)]
+                                ).returncode == 0]
+    if not others:
+        pytest.skip("no other python3.N on PATH")
+    script = ("import ast, sys; tree = ast.parse(open(sys.argv[1]).read()); ns = {}\n"
+              "fn = next(n for n in tree.body if getattr(n, 'name', '') == 'packed_source')\n"
+              "exec(compile(ast.Module([fn], []), 'packer', 'exec'), ns)\n"
+              "sys.stdout.buffer.write(ns['packed_source'](open(sys.argv[1], 'rb').read()))")
+    ours = tg.packed_source((ROOT / "train_gpt.py").read_bytes())
+    for python in others:
+        r = subprocess.run([python, "-c", script, str(ROOT / "train_gpt.py")], capture_output=True, timeout=120)
+        assert r.returncode == 0 and r.stdout == ours, (python, r.stderr[-500:])
+
+
 def test_packed_file_dry_run_prints_what_the_readable_source_does_and_counts_itself(tmp_path):
     """The packed file is at most 30% of the readable bytes, counts its own size (what the readable run
     said it would be) and prints the same config, layer map, parameter counts and estimate."""
