@@ -1958,13 +1958,14 @@ def main():
 
     # export: EMA weights, Hessians from training data, GPTQ -- all inside the training wall clock
     log(f"prequant: scoring the weights before quantization (not timed){', the last ones, then their EMA' * (ema is not None)}")
-    raw_bpb, t_pre = None, time.time()
+    raw_bpb = None
     if ema is not None:  # the last weights' score too: what the average gains, per model
+        t_raw = time.time()
         with clock.paused():
             raw_bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)[1]
-        log(f"raw (before EMA) val_bpb:{raw_bpb:.4f} ({time.time() - t_pre:.1f}s)")
+        log(f"raw (before EMA) val_bpb:{raw_bpb:.4f} ({time.time() - t_raw:.1f}s)")
         ema.copy_to(base_model)
-        t_pre = time.time()
+    t_pre = time.time()
     with clock.paused():
         prequant_loss, prequant_bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)
     log(f"prequant val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} ({time.time() - t_pre:.1f}s)")
