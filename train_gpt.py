@@ -105,8 +105,6 @@ class Hyperparameters:
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
         self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)
         self.mamba_mlp = self._flag("MAMBA_MLP", 1)
-        # 1: Muon orthogonalizes Mamba's in_proj per role (z, x, B, C, dt), as attention's q, k, v are; 0: as one
-        self.mamba_muon_split = self._flag("MAMBA_MUON_SPLIT", 0)
         # depth recurrence (depth for no bytes): these consecutive layers run RECUR_LOOPS more times right after
         # their first pass, from RECUR_START_FRAC of training on and in every evaluation
         self.recur_layers = self._layers("RECUR_LAYERS", "3,4,5")
@@ -743,9 +741,6 @@ class Mamba2(nn.Module):
         self.nheads, self.chunk_size = self.d_inner // self.headdim, hp.mamba_chunk_size
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
         self.in_proj = CastedLinear(dim, self.d_inner + self.conv_dim + self.nheads)
-        if hp.mamba_muon_split:
-            gn = self.ngroups * self.d_state
-            self.in_proj.weight.muon_rows = (self.d_inner, self.d_inner, gn, gn, self.nheads)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, hp.mamba_d_conv).uniform_(-1, 1) / math.sqrt(hp.mamba_d_conv))
         self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim))
         # dt in [1e-3, 1e-1] log-uniformly at init; A in [-16, -1]: a spread of memory lengths per head
@@ -957,8 +952,7 @@ def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
 
 class Muon(torch.optim.Optimizer):
     """Momentum, then orthogonalized updates. Same-shape matrices are orthogonalized as one batch; ranks split
-    each batch and share the results in one all-reduce, so every rank applies the same update. A matrix with a
-    `muon_rows` attribute (row counts) is orthogonalized as that many stacked matrices, each on its own."""
+    each batch and share the results in one all-reduce, so every rank applies the same update."""
 
     def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0, row_norm=False, ns="quintic"):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
@@ -971,7 +965,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             by_shape = {}
             for p in group["params"]:
-                by_shape.setdefault((tuple(p.shape), getattr(p, "muon_rows", None)), []).append(p)
+                by_shape.setdefault(tuple(p.shape), []).append(p)
             # the flat buffer holds, per shape, each rank's share of that shape's matrices back to back
             shares = [(r, same[r::world]) for same in by_shape.values() for r in range(world) if same[r::world]]
             order = [p for _, share in shares for p in share]
@@ -987,10 +981,8 @@ class Muon(torch.optim.Optimizer):
                     g = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))  # Nesterov
                     if group["row_norm"]:  # every output unit's row gets an equal say in the orthogonalization
                         g = g / (g.norm(dim=-1, keepdim=True) + 1e-7)
-                    parts = g.split(getattr(share[0], "muon_rows", None) or [g.size(-2)], dim=-2)
-                    g = torch.cat([newton_schulz_orthogonalize(m, group["backend_steps"], coeffs=group["ns"])
-                                   * max(1.0, m.size(-2) / m.size(-1)) ** 0.5 for m in parts], dim=-2)
-                    flat[offset:offset + size] = g.reshape(-1)
+                    g = newton_schulz_orthogonalize(g, group["backend_steps"], coeffs=group["ns"])
+                    flat[offset:offset + size] = (g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5).reshape(-1)
                 offset += size
             if distributed:
                 dist.all_reduce(flat)

@@ -203,47 +203,6 @@ def test_row_normalized_muon_ignores_each_rows_gradient_scale():
     assert (updates[False, True] - updates[False, False]).abs().max() > 0.05
 
 
-@pytest.mark.parametrize("row_norm", [False, True])
-def test_muon_rows_orthogonalizes_each_slice_as_its_own_matrix(row_norm):
-    """A matrix with muon_rows gets, slice by slice, the update Muon gives each slice as a separate matrix
-    (two same-shape ones batched, two steps so momentum counts); without muon_rows the update differs."""
-    rows, gen = (12, 12, 4, 4, 2), torch.Generator().manual_seed(0)
-    grads = [[torch.randn(sum(rows), 16, generator=gen) for _ in range(2)] for _ in range(2)]  # [step][matrix]
-
-    def updates(split):
-        ws = [torch.nn.Parameter(torch.zeros(sum(rows), 16)) for _ in range(2)]
-        if split == "attribute":
-            for w in ws:
-                w.muon_rows = rows
-        pieces = [torch.nn.Parameter(torch.zeros(r, 16)) for _ in ws for r in rows] if split == "separate" else ws
-        opt = tg.Muon(pieces, lr=0.1, momentum=0.5, backend_steps=5, row_norm=row_norm)
-        for step_grads in grads:
-            if split == "separate":
-                for p, g in zip(pieces, [g for full in step_grads for g in full.split(rows)]):
-                    p.grad = g.clone()
-            else:
-                for w, g in zip(ws, step_grads):
-                    w.grad = g.clone()
-            opt.step()
-        if split == "separate":
-            return [torch.cat([p.detach() for p in pieces[i * len(rows):(i + 1) * len(rows)]]) for i in range(2)]
-        return [w.detach() for w in ws]
-
-    split, separate, whole = updates("attribute"), updates("separate"), updates("whole")
-    for a, b, c in zip(split, separate, whole):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        assert (a - c).abs().max() > 1e-2
-
-
-def test_mamba_muon_split_marks_in_proj_by_role():
-    hp = make_hp(MAMBA_MUON_SPLIT="1")
-    m = tg.HybridGPT(hp).blocks[hp.mamba_layers[0]].mixer
-    assert m.in_proj.weight.muon_rows == (m.d_inner, m.d_inner, m.d_state * m.ngroups, m.d_state * m.ngroups,
-                                          m.nheads)
-    assert sum(m.in_proj.weight.muon_rows) == m.in_proj.weight.size(0)
-    assert not hasattr(tg.HybridGPT(make_hp()).blocks[hp.mamba_layers[0]].mixer.in_proj.weight, "muon_rows")
-
-
 def _average(rank, world_size, port, out_dir):
     ctx = join_gloo(rank, world_size, port)
     params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))]
