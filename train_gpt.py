@@ -88,6 +88,8 @@ class Hyperparameters:
         self.rope_base = self._float("ROPE_BASE", 10000.0, 1.0, 1e9)
         self.rope_dims = self._int("ROPE_DIMS", 16, 0, 1024)  # rotated dims per head (partial RoPE); 0: all
         self.attn_xsa = self._flag("ATTN_XSA", 1)  # 1: remove each output's component along its own value
+        # 1: each head's output times sigmoid(0.5 w_h . x[:12]), x the block's normalized input (sparse output gate)
+        self.attn_gate = self._flag("ATTN_GATE", 0)
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
@@ -717,6 +719,8 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.heads,), hp.qk_gain_init))
         self.rotary = Rotary(hp.rope_dims or self.head_dim, hp.rope_base)
         self.xsa = hp.attn_xsa
+        # zero at init: every gate starts at 1/2. The 0.5 in the gate halves its effective learning rate (as in the records)
+        self.gate_w = nn.Parameter(torch.zeros(self.heads, min(12, dim))) if hp.attn_gate else None
 
     def forward(self, x):
         b, L, _ = x.shape
@@ -729,6 +733,8 @@ class Attention(nn.Module):
         if self.xsa:  # the token's own value is already in the residual stream: keep only what is new
             v_dir = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=2), dim=-1)
             y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
+        if self.gate_w is not None:
+            y = y * torch.sigmoid(0.5 * F.linear(x[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype)))[..., None]
         return self.proj(y.reshape(b, L, -1))
 
 class Mamba2(nn.Module):

@@ -95,7 +95,8 @@ def perturbed_model(hp, seed=0):
 
 
 @pytest.mark.parametrize("layers, extra", [("0,2,3", {}), ("", {}), ("0,1,2,3", {}),
-                                           ("0,2", {"ATTN_XSA": 1, "ROPE_DIMS": 8}), ("0,2", {"SMEAR_GATE": 1})])
+                                           ("0,2", {"ATTN_XSA": 1, "ROPE_DIMS": 8}), ("0,2", {"SMEAR_GATE": 1}),
+                                           ("0,2", {"ATTN_GATE": 1})])
 def test_whole_model_is_causal(layers, extra):
     hp = make_hp(MAMBA_LAYERS=layers, MAMBA_CHUNK_SIZE=8, **extra)
     model = perturbed_model(hp).double()
@@ -460,6 +461,30 @@ def test_xsa_removes_each_output_s_own_value_direction():
         attn.xsa = 0
         plain = attn(x).view(2, 10, 4, 8)
     assert float((plain * F.normalize(v, dim=-1)).sum(-1).abs().max()) > 1e-3
+
+
+def test_attention_gate_scales_each_head_by_its_own_sigmoid():
+    """ATTN_GATE: head h's output (after XSA) times sigmoid(0.5 w_h . x[:12]), x the attention's input; 1/2 at init."""
+    hp = make_hp(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ATTN_GATE=1)
+    torch.manual_seed(0)
+    attn = tg.Attention(hp).double()
+    with torch.no_grad():
+        attn.proj.weight.copy_(torch.eye(32, dtype=torch.float64))  # expose y itself
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    gate_w = attn.gate_w
+    with torch.no_grad():
+        attn.gate_w = None
+        plain = attn(x).view(2, 10, 4, 8)
+        attn.gate_w = gate_w
+        torch.testing.assert_close(attn(x).view(2, 10, 4, 8), plain / 2)  # zero weights: every gate 1/2
+        gate_w.normal_()
+        g = torch.sigmoid(0.5 * torch.einsum("bld,hd->blh", x[..., :12], gate_w))
+        torch.testing.assert_close(attn(x).view(2, 10, 4, 8), plain * g[..., None])
+    attn(x).square().sum().backward()
+    assert gate_w.grad.abs().sum() > 0
+    assert tg.param_group("blocks.0.mixer.gate_w", gate_w) == "controls"  # Adam, never Muon
+    assert tg.quant_kind("blocks.0.mixer.gate_w", gate_w) == "float"
+    assert tg.Attention(make_hp(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2)).gate_w is None  # off by default
 
 
 def test_smear_gate_mixes_in_the_previous_token_except_at_document_starts():
