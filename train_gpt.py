@@ -151,6 +151,8 @@ class Hyperparameters:
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
         # evaluation
         self.eval_stride = self._int("EVAL_STRIDE", 64, 0, 65536)  # 0: no sliding eval
+        # the context of the sliding and TTT windows (the plain roundtrip stays at TRAIN_SEQ_LEN); 0: TRAIN_SEQ_LEN
+        self.eval_seq_len = self._int("EVAL_SEQ_LEN", 0, 0, 65536)
         self.ttt_enabled = self._flag("TTT_ENABLED", 1)
         self.ttt_lr = self._float("TTT_LR", 0.005, 0.0, 10.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, 1, 100)
@@ -253,9 +255,15 @@ class Hyperparameters:
               f"RECUR_LAYERS={','.join(map(str, range(recur[0], recur[-1] + 1)))}")
         if self.is_valid("NUM_LAYERS", "PARALLEL_FROM") and self.parallel_from >= n:
             e(f"PARALLEL_FROM={self.parallel_from} must be a block index in [1, {n - 1}] (NUM_LAYERS={n}), or 0 (off)")
-        if self.is_valid("EVAL_STRIDE", "TRAIN_SEQ_LEN") and self.eval_stride > self.train_seq_len:
-            e(f"EVAL_STRIDE={self.eval_stride} must be at most TRAIN_SEQ_LEN={self.train_seq_len}: try "
-              f"EVAL_STRIDE={min(64, self.train_seq_len)}")
+        if self.is_valid("EVAL_SEQ_LEN", "TRAIN_SEQ_LEN"):
+            if 0 < self.eval_seq_len < 8:
+                self._bad.add("EVAL_SEQ_LEN")
+                e(f"EVAL_SEQ_LEN={self.eval_seq_len}: expected 0 (TRAIN_SEQ_LEN) or a length in [8, 65536]")
+            self.eval_seq_len = self.resolved["EVAL_SEQ_LEN"] = self.eval_seq_len or self.train_seq_len
+            window = "EVAL_SEQ_LEN" if self._user_set("EVAL_SEQ_LEN") else "TRAIN_SEQ_LEN"
+            if self.is_valid("EVAL_STRIDE", "EVAL_SEQ_LEN") and self.eval_stride > self.eval_seq_len:
+                e(f"EVAL_STRIDE={self.eval_stride} must be at most {window}={self.eval_seq_len}: try "
+                  f"EVAL_STRIDE={min(64, self.eval_seq_len)}")
         cap, reserve = self.max_wallclock_seconds, self.gptq_reserve_seconds
         if self.is_valid("MAX_WALLCLOCK_SECONDS", "GPTQ_RESERVE_SECONDS") and 0 < cap <= reserve:
             # a cap at or below the reserve would leave a training budget of 0, which the loop reads as no cap
@@ -1620,6 +1628,10 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
         dist.all_reduce(stats)
     return stats
 
+def eval_rows(hp, ctx, seq_len):
+    """Sequences a scoring batch holds on each rank: VAL_BATCH_SIZE tokens over all ranks."""
+    return max(1, hp.val_batch_size // (ctx.world_size * seq_len))
+
 def stats_to_metrics(stats):
     loss_sum, count, nbytes = stats.tolist()
     return loss_sum / count, loss_sum / math.log(2) / nbytes
@@ -1634,7 +1646,7 @@ def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
 def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     """Score-first test-time training: each chunk of the validation tokens is scored (no grad) with the weights
     adapted on earlier chunks only, then (all but the last) trained on -> (val_loss, val_bpb, per-chunk stats)."""
-    n, L = tokens.numel() - 1, hp.train_seq_len
+    n, L = tokens.numel() - 1, hp.eval_seq_len
     bounds = list(range(0, n, hp.ttt_chunk_tokens)) + [n]
     # one scoring batch shape for every chunk (a compiled model compiles it once): this rank's share of a chunk
     rows = min(batch_seqs, math.ceil(math.ceil(hp.ttt_chunk_tokens / hp.eval_stride) / ctx.world_size))
@@ -1809,21 +1821,22 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
         f"in {time.time() - t0:.1f}s; parts {parts}")
     return path, total
 
-def final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log):
-    """Roundtrip (plain), sliding and TTT scores of the loaded artifact; val_bpb is the last one run."""
-    L = hp.train_seq_len
+def final_evaluation(model, val_tokens, hp, ctx, luts, log):
+    """Roundtrip (plain, TRAIN_SEQ_LEN windows), sliding and TTT scores (EVAL_SEQ_LEN windows) of the loaded
+    artifact; val_bpb is the last one run."""
+    L, E = hp.train_seq_len, hp.eval_seq_len
     t0 = time.time()
-    loss, bpb = evaluate(model, val_tokens, L, L, batch_seqs, ctx, luts, log)
+    loss, bpb = evaluate(model, val_tokens, L, L, eval_rows(hp, ctx, L), ctx, luts, log)
     log(f"roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     scores = dict(val_bpb=bpb, val_loss=loss, val_bpb_roundtrip=bpb, val_bpb_sliding=None, val_bpb_ttt=None)
     if hp.eval_stride:
         t0 = time.time()
-        loss, bpb = evaluate(model, val_tokens, L, hp.eval_stride, batch_seqs, ctx, luts, log)
+        loss, bpb = evaluate(model, val_tokens, E, hp.eval_stride, eval_rows(hp, ctx, E), ctx, luts, log)
         scores.update(val_bpb=bpb, val_loss=loss, val_bpb_sliding=bpb)
-        log(f"sliding stride:{hp.eval_stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
+        log(f"sliding window:{E} stride:{hp.eval_stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     if hp.ttt_enabled:
         t0 = time.time()
-        loss, bpb, _ = evaluate_ttt(model, val_tokens, hp, batch_seqs, ctx, luts, log)
+        loss, bpb, _ = evaluate_ttt(model, val_tokens, hp, eval_rows(hp, ctx, E), ctx, luts, log)
         scores.update(val_bpb=bpb, val_loss=loss, val_bpb_ttt=bpb)
         log(f"ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     return scores
@@ -1919,7 +1932,7 @@ def main():
     opts = build_optimizers(base_model, hp)
     loader = DistributedTokenLoader(train_files, ctx.rank, ctx.world_size, ctx.device)
     L = hp.train_seq_len
-    batch_seqs = max(1, hp.val_batch_size // (ctx.world_size * L))
+    batch_seqs = eval_rows(hp, ctx, L)
 
     if hp.warmup_steps:  # prime compile and kernels, then restore the initial state
         orders = [False, True] if hp.recur_layers else [False]  # both layer orders compile here, untimed
@@ -2002,7 +2015,7 @@ def main():
     artifact_path, artifact_bytes = write_artifact(quantized, base_model, hessians, hp, ctx, code_bytes, log)
     base_model.load_state_dict(deserialize(Path(artifact_path).read_bytes()))
     t_eval = time.time()
-    scores = final_evaluation(model, val_tokens, hp, batch_seqs, ctx, luts, log)
+    scores = final_evaluation(model, val_tokens, hp, ctx, luts, log)
     eval_seconds = time.time() - t_eval
     summary = dict(
         **scores, val_bpb_prequant=prequant_bpb, val_bpb_raw=raw_bpb, artifact_bytes=artifact_bytes, code_bytes=code_bytes,

@@ -5,7 +5,7 @@ The line formats are train_gpt.py's (see its main() and train_loop()):
     step:200/20000 train_loss:4.3475 step_ms:208.6 tok/s:628,240 train_time:42s eta:63s
     step:100/300 val_loss:0.8480 val_bpb:0.6000
     training stopped at step 300 after 88.3s (294.4 ms/step)
-    prequant|roundtrip|sliding stride:64|ttt val_loss:.. val_bpb:..
+    prequant|roundtrip|sliding window:2048 stride:64|ttt val_loss:.. val_bpb:..
     final_summary {json}                      (the last line of a finished run)
 """
 from __future__ import annotations

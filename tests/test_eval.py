@@ -443,3 +443,25 @@ def test_each_evaluation_use_has_one_batch_shape(model, hp, luts):
     tg.evaluate_ttt(rec, tokens, hp, 8, CTX, luts, log=lambda msg: None)
     rows = math.ceil(CHUNK / STRIDE)  # a chunk's windows, fewer than batch_seqs
     assert rec.calls == {((rows, SEQ), False), ((CHUNK // SEQ, SEQ), True)}
+
+
+def test_final_evaluation_scores_sliding_and_ttt_at_eval_seq_len(model, luts):
+    """EVAL_SEQ_LEN widens the sliding and TTT windows (scores as the sliding eval at that length, with that
+    shape); the plain roundtrip stays at TRAIN_SEQ_LEN, comparable with the score before quantization."""
+    tokens = random_tokens(4 * CHUNK + 1, seed=9)
+    long = 2 * SEQ
+    hp_long = make_hp(EVAL_SEQ_LEN=long, VAL_BATCH_SIZE=4 * long, TTT_LR=0)
+    rec = ShapeRecorder(copy.deepcopy(model))
+    scores = tg.final_evaluation(rec, tokens, hp_long, CTX, luts, log=lambda msg: None)
+    plain = tg.evaluate(copy.deepcopy(model), tokens, SEQ, SEQ, 8, CTX, luts)[1]
+    sliding_long = tg.evaluate(copy.deepcopy(model), tokens, long, STRIDE, 4, CTX, luts)[1]
+    sliding_short = tg.evaluate(copy.deepcopy(model), tokens, SEQ, STRIDE, 8, CTX, luts)[1]
+    assert scores["val_bpb_roundtrip"] == pytest.approx(plain, rel=1e-6)
+    assert scores["val_bpb_sliding"] == pytest.approx(sliding_long, rel=1e-6)
+    assert scores["val_bpb_ttt"] == pytest.approx(sliding_long, rel=1e-6)  # TTT at lr 0 scores as sliding does
+    assert sliding_long != pytest.approx(sliding_short, rel=1e-6)  # the longer context really is used
+    rows = math.ceil(CHUNK / STRIDE)
+    assert rec.calls == {((8, SEQ), False), ((4, long), False), ((rows, long), False), ((CHUNK // long, long), True)}
+    default = tg.final_evaluation(copy.deepcopy(model), tokens, make_hp(TTT_ENABLED=0), CTX, luts, log=lambda msg: None)
+    assert default["val_bpb_sliding"] == pytest.approx(sliding_short, rel=1e-6) and default["val_bpb_ttt"] is None
+

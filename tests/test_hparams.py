@@ -67,6 +67,8 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"NUM_KV_HEADS": "3"}, "NUM_HEADS=8 must be a multiple of NUM_KV_HEADS=3"),
     ({"MAMBA_HEADDIM": "100"}, "must be a multiple of MAMBA_HEADDIM=100"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be at most TRAIN_SEQ_LEN=2048"),
+    ({"EVAL_STRIDE": "2048", "EVAL_SEQ_LEN": "1024"}, "EVAL_STRIDE=2048 must be at most EVAL_SEQ_LEN=1024: try EVAL_STRIDE=64"),
+    ({"EVAL_SEQ_LEN": "4"}, "EVAL_SEQ_LEN=4: expected 0 (TRAIN_SEQ_LEN) or a length in [8, 65536]"),
     ({"EVAL_STRIDE": "0"}, "TTT_ENABLED=1 scores through sliding windows"),
     ({"REQUIRE_FAST_KERNELS": "1", "FAST_KERNELS": "0"}, "REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1"),
     ({"QUANT_MIN_BITS": "3"}, "QUANT_MIN_BITS=3: expected an integer in [4, 6]"),
@@ -97,6 +99,16 @@ def test_all_errors_reported_together():
     with pytest.raises(tg.ConfigError) as e:
         tg.Hyperparameters({"SEED": "-1", "ITERATIONS": "x"})
     assert "SEED=-1" in str(e.value) and "ITERATIONS='x'" in str(e.value)
+
+
+def test_eval_seq_len_follows_train_seq_len_unless_set():
+    assert tg.Hyperparameters({}).eval_seq_len == 2048
+    hp = tg.Hyperparameters({"TRAIN_SEQ_LEN": "1024"})
+    assert hp.eval_seq_len == hp.resolved["EVAL_SEQ_LEN"] == 1024  # logged as the length it uses
+    assert tg.Hyperparameters({"EVAL_SEQ_LEN": "8192", "EVAL_STRIDE": "4096"}).eval_seq_len == 8192
+    with pytest.raises(tg.ConfigError) as e:  # one line: no stride error built on a bad length
+        tg.Hyperparameters({"EVAL_SEQ_LEN": "4", "EVAL_STRIDE": "64"})
+    assert str(e.value).count("\n") == 1
 
 
 def test_mamba_layers_unset_empty_and_explicit():

@@ -100,7 +100,7 @@ def test_smoke_runs_the_whole_pipeline(tmp_path):
     # every long phase says when it starts and how long it took
     for start, end in [("hessians: ", "hessians: done in "), ("gptq: start", "gptq: "), ("prequant: scoring", "prequant val_loss:"),
                        ("export: compressing", "artifact: "), ("roundtrip val_loss:", "roundtrip val_loss:"),
-                       ("sliding stride:", "sliding stride:"), ("ttt val_loss:", "ttt val_loss:")]:
+                       ("sliding window:", "sliding window:"), ("ttt val_loss:", "ttt val_loss:")]:
         lines = r.stdout.splitlines()
         assert any(line.startswith(start) for line in lines), start
         assert any(line.startswith(end) and re.search(r"\d+\.\ds\b", line) for line in lines), end
