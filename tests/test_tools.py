@@ -131,6 +131,23 @@ def test_queue_runs_one_after_another_detached_and_wait_brings_them_back(tmp_pat
     assert len(list((tmp_path / "out").glob("*.json"))) == 2
 
 
+def test_queue_rescores_an_artifact_without_training(tmp_path):
+    """A spec with ARTIFACT_OF runs the evaluation command (tools/eval_artifact.py on a GPU machine; a stand-in
+    here, which echoes what it was given) on that run with the spec's other settings, not the proxy runner."""
+    (tmp_path / "eval.sh").write_text(
+        'echo "scoring $*"; python3 -c "import json, sys; print(\'eval_summary \' + json.dumps(dict(artifact_of=sys.argv[1], '
+        'settings=sys.argv[2:], val_bpb=1.18, val_bpb_roundtrip=1.21, val_bpb_sliding=1.18, eval_seconds=40.0)))" "$@"\n')
+    r = queue(tmp_path, "trained", "longer ARTIFACT_OF=trained-seed1337 EVAL_SEQ_LEN=4096 TTT_ENABLED=0",
+              runner=STUB_RUNNER, PROXY_EVAL=f"bash {tmp_path / 'eval.sh'}")
+    assert r.returncode == 0, r.stderr
+    r = queue(tmp_path, "wait", "30")
+    assert "longer-seed1337: trained-seed1337 rescored with EVAL_SEQ_LEN=4096 TTT_ENABLED=0: roundtrip 1.2100 " \
+           "sliding 1.1800 val_bpb 1.1800 eval 40s" in r.stdout, r.stdout
+    assert "scoring trained-seed1337 EVAL_SEQ_LEN=4096 TTT_ENABLED=0" in (tmp_path / "out" / "longer-seed1337.log").read_text()
+    assert json.loads((tmp_path / "out" / "longer-seed1337.json").read_text())["artifact_of"] == "trained-seed1337"
+    assert "trained-seed1337: steps 10" in r.stdout  # the training run went through the runner
+
+
 def test_queue_wait_reports_a_run_still_going_and_refuses_bad_input(tmp_path):
     r = queue(tmp_path, "slow", runner="sleep 4\n" + STUB_RUNNER)
     assert r.returncode == 0, r.stderr
@@ -254,3 +271,48 @@ def test_install_gpu_without_a_pin_stops_before_installing(tmp_path):
     (tmp_path / "requirements.txt").unlink()
     r = install_gpu(tmp_path)
     assert r.returncode == 1 and "no '#kernel mamba-ssm==VERSION' line in" in r.stderr and r.stdout == ""
+
+
+def eval_artifact(cwd, *args, env=None):
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update(PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "eval_artifact.py"), *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_eval_artifact_rescores_a_finished_run_at_another_context(tmp_path):
+    """A SMOKE run's artifact scored again with a window twice as long: the roundtrip repeats the run's own
+    exactly (same weights, same data), the sliding score is the one at the longer window (it differs)."""
+    from util import make_inputs, run_train_gpt
+    r, _ = run_train_gpt(dict(SMOKE=1, MAX_WALLCLOCK_SECONDS=8, WARMUP_STEPS=0, TTT_ENABLED=0, RUN_ID="rescored"),
+                         tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = json.loads(r.stdout.strip().splitlines()[-1][len("final_summary "):])
+    # SMOKE's corpus is removed at exit; its maker is deterministic, so the same data is made again
+    inputs = make_inputs(tmp_path / "data")
+    paths = [f"{k}={inputs[k]}" for k in ("DATA_PATH", "TOKENIZER_PATH")]
+    e = eval_artifact(tmp_path, "rescored", "EVAL_SEQ_LEN=256", *paths)
+    assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
+    assert "sliding window:256 stride:64" in e.stdout
+    s = json.loads(e.stdout.strip().splitlines()[-1][len("eval_summary "):])
+    assert s["val_bpb_roundtrip"] == run["val_bpb_roundtrip"]
+    assert s["val_bpb_sliding"] != run["val_bpb_sliding"] and s["config"]["EVAL_SEQ_LEN"] == 256
+    assert s["artifact_of"] == "rescored" and s["val_bpb_ttt"] is None
+
+
+def test_eval_artifact_refuses_what_it_cannot_do_before_any_work(tmp_path):
+    (tmp_path / "logs").mkdir()
+    e = eval_artifact(tmp_path, "nothing-here", "MODEL_DIM=64", "EVAL_SEQ_LEN")
+    assert e.returncode == 2 and "Traceback" not in e.stderr, e.stderr
+    lines = e.stderr.strip().splitlines()
+    assert lines == ["error: MODEL_DIM cannot change after training (the weights are fixed): only "
+                     + ", ".join(__import__("eval_artifact").EVALUATION_KNOBS),
+                     "error: 'EVAL_SEQ_LEN' is not a VAR=value setting",
+                     "error: no log logs/nothing-here.txt: give the RUN_ID of a finished train_gpt.py run, from the "
+                     "folder that holds its logs/",
+                     "error: no artifact logs/nothing-here.artifact: the run did not finish its export, or ran elsewhere"]
+    (tmp_path / "logs" / "x.txt").write_text("config " + json.dumps(tg.Hyperparameters({"SMOKE": "1"}).resolved) + "\n")
+    (tmp_path / "logs" / "x.artifact").write_bytes(b"")
+    e = eval_artifact(tmp_path, "x", "EVAL_SEQ_LEN=4", "DATA_PATH=/no/such/dir")
+    assert e.returncode == 2, e.stderr
+    assert "error: EVAL_SEQ_LEN=4: expected 0 (TRAIN_SEQ_LEN)" in e.stderr and "Traceback" not in e.stderr

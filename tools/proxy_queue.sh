@@ -10,6 +10,8 @@
 # with the .log and .json (.console too when it left no summary) of each run finished since the last wait
 # in $OUT (the device tool brings back 8 files a call; PROXY_COLLECT_ALL=1: every finished run's), a line
 # per run, and the last lines of the one running. One queue at a time per machine.
+# A spec with ARTIFACT_OF=<RUN_ID> trains nothing: it scores that earlier run's artifact again with the spec's
+# evaluation settings (tools/eval_artifact.py), e.g. 'hybrid-e4096 ARTIFACT_OF=hybrid-0-1-10-seed1337 EVAL_SEQ_LEN=4096'.
 set -uo pipefail
 source "$(dirname "$0")/proxy_specs.sh"
 runner=${PROXY_RUNNER:-.bench/run_proxy.sh}
@@ -46,8 +48,18 @@ if [ "${1:-}" = __worker ]; then  # the detached part: the runs in order, then t
   for spec in "$@"; do
     id=$(spec_id "$spec")
     mapfile -t settings < <(spec_settings "$spec")
-    env "${settings[@]}" SEED="$(spec_seed "$spec")" RUN_ID="$id" OUT="$queue/out" \
-      timeout "${PROXY_TIMEOUT:-1500}" bash "$runner" > "$queue/$id.console" 2>&1
+    of=$(printf '%s\n' "${settings[@]}" | sed -n 's/^ARTIFACT_OF=//p')
+    if [ -n "$of" ]; then
+      mapfile -t rest < <(printf '%s\n' "${settings[@]}" | grep -v '^ARTIFACT_OF=')
+      ( [ -f .bench/gpu_env.sh ] && source .bench/gpu_env.sh
+        timeout "${PROXY_TIMEOUT:-1500}" ${PROXY_EVAL:-torchrun --standalone --nproc_per_node=$(nvidia-smi -L | wc -l) tools/eval_artifact.py} \
+          "$of" "${rest[@]}" ) > "$queue/$id.console" 2>&1
+      cp "$queue/$id.console" "$queue/out/$id.log"
+      sed -n 's/^eval_summary //p' "$queue/$id.console" | tail -n 1 > "$queue/out/$id.json"
+    else
+      env "${settings[@]}" SEED="$(spec_seed "$spec")" RUN_ID="$id" OUT="$queue/out" \
+        timeout "${PROXY_TIMEOUT:-1500}" bash "$runner" > "$queue/$id.console" 2>&1
+    fi
     touch "$queue/$id.finished"
   done
   touch "$queue/done"

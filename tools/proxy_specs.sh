@@ -40,6 +40,10 @@ try:
 except (OSError, ValueError):
     print(f"{run_id}: no summary (see {path[:-5]}.log and .console)")
     sys.exit(0)
+if "artifact_of" in s:  # an artifact scored again (tools/eval_artifact.py)
+    print(f"{run_id}: {s['artifact_of']} rescored with {' '.join(s['settings'])}: roundtrip {s['val_bpb_roundtrip']:.4f} "
+          f"sliding {s['val_bpb_sliding'] or float('nan'):.4f} val_bpb {s['val_bpb']:.4f} eval {s['eval_seconds']:.0f}s")
+    sys.exit(0)
 print(f"{run_id}: steps {s['steps']} step_ms {s['step_ms']} prequant {s['val_bpb_prequant']:.4f} "
       f"roundtrip {s['val_bpb_roundtrip']:.4f} val_bpb {s['val_bpb']:.4f} artifact {s['artifact_bytes']:,}")
 PY
