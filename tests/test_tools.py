@@ -39,7 +39,7 @@ def test_rows_show_only_model_differences_and_the_table_averages_seeds(tmp_path)
     assert rows[("attention-only", 1)]["diff"] == "MAMBA_LAYERS= NUM_LAYERS=9"
     assert rows[("mamba-wide", 1)]["diff"] == "MAMBA_D_STATE=99"
     text = proxy_table.table(list(rows.values()))
-    assert "| hybrid-default | 2 | 1.4500 |" in text and "| attention-only | 1 | 1.4000 |" in text
+    assert "| hybrid-default | 150 | 2 | 1.4500 |" in text and "| attention-only | 150 | 1 | 1.4000 |" in text
     assert "| attention-only | 1 | MAMBA_LAYERS= NUM_LAYERS=9 | 150 | 700 | 170.0 |" in text
     # TTT off shows as such; a summary from before the sliding field shows a dash
     assert "| 1.4100 | 1.4110 | 1.4000 | off | 1.4000 |" in text
@@ -47,6 +47,29 @@ def test_rows_show_only_model_differences_and_the_table_averages_seeds(tmp_path)
     del old["val_bpb_sliding"], old["val_bpb_ttt"]
     (tmp_path / "old-seed1.json").write_text(json.dumps(old))
     assert "| 1.4400 | 1.4410 | - | off | 1.4300 |" in proxy_table.table(proxy_table.rows([tmp_path / "old-seed1.json"]))
+
+
+def test_means_and_the_ladder_keep_budgets_apart_and_take_every_kind_of_summary(tmp_path):
+    """A label's runs at 150 and 600 s are two means (never one over both tiers); the record script's summaries
+    (no config) and rescored artifacts (tools/eval_artifact.py: no steps) get rows too."""
+    record = {k: v for k, v in summary(1.36).items() if k != "config"}
+    record.update(budget_s=600.0)
+    rescored = dict(artifact_of="hybrid-seed1", settings=["EVAL_SEQ_LEN=4096"], val_bpb=1.37, val_bpb_roundtrip=1.39,
+                    val_bpb_sliding=1.37, val_bpb_ttt=None, eval_seconds=60.0, config=summary(0)["config"])
+    files = []
+    for name, s in (("hybrid-seed1.json", summary(1.44)), ("hybrid-seed2.json", summary(1.46, SEED=2)),
+                    ("hybrid-seed3.json", summary(1.30, SEED=3, MAX_WALLCLOCK_SECONDS=600.0)),
+                    ("record-seed1.json", record), ("hybrid-e4096-seed1.json", rescored)):
+        (tmp_path / name).write_text(json.dumps(s))
+        files.append(tmp_path / name)
+    rows = proxy_table.rows(files)
+    text = proxy_table.table(rows)
+    assert "| hybrid | 150 | 2 | 1.4500 |" in text and "| hybrid | 600 | 1 | 1.3000 |" in text
+    assert "| record | 1 | the record script | 600 |" in text
+    assert "| hybrid-e4096 | 1 | hybrid-seed1 rescored: EVAL_SEQ_LEN=4096 | 150 | - | - | - | 1.3900 |" in text
+    assert proxy_table.ladder(rows).splitlines() == [
+        "| label | 150 s | 600 s |", "| --- | --- | --- |", "| hybrid | 1.4500 (2) | 1.3000 (1) |",
+        "| hybrid-e4096 | 1.3700 (1) |  |", "| record |  | 1.3600 (1) |"]
 
 
 # A stand-in for .bench/run_proxy.sh (which needs a GPU): it records the environment it was given as the
