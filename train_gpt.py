@@ -154,10 +154,17 @@ class Hyperparameters:
         # the context of the sliding and TTT windows (the plain roundtrip stays at TRAIN_SEQ_LEN); 0: TRAIN_SEQ_LEN
         self.eval_seq_len = self._int("EVAL_SEQ_LEN", 0, 0, 65536)
         self.ttt_enabled = self._flag("TTT_ENABLED", 1)
+        # chunk: the whole model adapts by SGD on each TTT_CHUNK_TOKENS of the stream once scored (TTT_LR, _EPOCHS,
+        # _MOMENTUM); doc: each document alone, a fresh LoRA adapted by Adam after each TTT_DOC_CHUNK tokens scored
+        self.ttt_mode = self._choice("TTT_MODE", "chunk", ("chunk", "doc"))
         self.ttt_lr = self._float("TTT_LR", 0.005, 0.0, 10.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, 1, 100)
         self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32768, 16, 2**30)
         self.ttt_momentum = self._float("TTT_MOMENTUM", 0.9, 0.0, 0.9999)
+        self.ttt_doc_chunk = self._int("TTT_DOC_CHUNK", 64, 1, 65536)
+        self.ttt_doc_lr = self._float("TTT_DOC_LR", 3e-4, 0.0, 10.0)
+        self.ttt_doc_rank = self._int("TTT_DOC_RANK", 32, 1, 1024)
+        self.ttt_doc_batch = self._int("TTT_DOC_BATCH", 64, 1, 65536)  # documents adapted side by side, per rank
         self._errors += [f"{name} is retired: use {instead}" for name, instead in RETIRED.items() if name in self._env]
         self._cross_checks()
         if self._errors and raise_errors:
@@ -442,9 +449,12 @@ def data_problems(hp):
             if hp.is_valid("VOCAB_SIZE") and pieces != hp.vocab_size:
                 problems.append(f"VOCAB_SIZE={hp.vocab_size} but the tokenizer TOKENIZER_PATH={hp.tokenizer_path} has "
                                 f"{pieces} pieces: try VOCAB_SIZE={pieces}")
-            if hp.smear_gate and sp.bos_id() < 0:
-                problems.append(f"SMEAR_GATE=1 masks document starts by the BOS token, but TOKENIZER_PATH="
-                                f"{hp.tokenizer_path} has none: use a tokenizer with a BOS, or SMEAR_GATE=0")
+            for needs, what, off in ((hp.smear_gate, "SMEAR_GATE=1 masks document starts", "SMEAR_GATE=0"),
+                                     (hp.ttt_enabled and hp.ttt_mode == "doc", "TTT_MODE=doc splits documents",
+                                      "TTT_MODE=chunk")):
+                if needs and sp.bos_id() < 0:
+                    problems.append(f"{what} by the BOS token, but TOKENIZER_PATH={hp.tokenizer_path} has none: use "
+                                    f"a tokenizer with a BOS, or {off}")
     counts, bad = {}, []
     for path in files["train"] + files["val"]:
         try:
@@ -458,6 +468,17 @@ def data_problems(hp):
         fits = 2 ** int(math.log2(val_tokens - 1)) if val_tokens > 8 else None
         problems.append(f"{where}: the validation split has {val_tokens} tokens, too few for TRAIN_SEQ_LEN="
                         f"{hp.train_seq_len}: " + (f"try TRAIN_SEQ_LEN={fits}" if fits and fits >= 8 else "add validation data"))
+    return problems
+
+def validation_problems(hp, val_tokens, bos_id):
+    """What only the validation tokens themselves show (read before the model is built), one line a problem."""
+    problems, where = [], f"DATA_PATH={hp.data_path}"
+    if int(val_tokens.max()) >= hp.vocab_size:
+        problems.append(f"{where}: the validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE="
+                        f"{hp.vocab_size}: the shards are for another tokenizer; use the one they were made with, and its VOCAB_SIZE")
+    if hp.ttt_enabled and hp.ttt_mode == "doc" and not bool((val_tokens == bos_id).any()):
+        problems.append(f"TTT_MODE=doc: the validation shards in {where} hold no BOS token (id {bos_id}) to split "
+                        "documents at: use shards made as the challenge's ([BOS] + tokens per document), or TTT_MODE=chunk")
     return problems
 
 def shard_files(data_path, split):
@@ -693,12 +714,16 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
-        self.zero_init = zero_init
+        self.zero_init, self.lora = zero_init, None
         if zero_init:
             nn.init.zeros_(self.weight)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
+        y = F.linear(x, self.weight.to(x.dtype))
+        if self.lora is not None:  # document TTT: (A, B) of shapes (rows, r, in), (rows, out, r), one per batch row
+            a, b = self.lora
+            y = y + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
+        return y
 
 class Rotary(nn.Module):
     """RoPE on the first `dims` of each head (all of them by default); the rest carry position-free content."""
@@ -861,6 +886,7 @@ class HybridGPT(nn.Module):
         self.smear_w = nn.Parameter(torch.zeros(min(12, hp.model_dim))) if hp.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if hp.smear_gate else None
         self.bos_id = 1  # the challenge's tokenizers' BOS; main() sets the loaded tokenizer's
+        self.head_lora = None  # document TTT's (A, B) on the output head, as CastedLinear.lora
         for m in self.modules():  # orthogonal matrices: every direction of the input starts with the same gain
             if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
                 nn.init.orthogonal_(m.weight)
@@ -911,6 +937,9 @@ class HybridGPT(nn.Module):
     def logits(self, ids):
         x = self.hidden(ids)
         logits = F.linear(x, (self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).to(x.dtype))
+        if self.head_lora is not None:
+            a, b = self.head_lora
+            logits = logits + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
@@ -1697,6 +1726,90 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     log(f"ttt: {num_chunks} chunks in {el:.1f}s: scoring {score_s:.1f}s, adapting {el - score_s:.1f}s")
     return loss, bpb, per_chunk
 
+def document_targets(tokens, bos_id):
+    """[(lo, hi)]: a document's targets are lo+1..hi (target j is token j). It runs from its BOS to the next BOS,
+    which is its last target (predicted from its end), so each target of the stream is in exactly one."""
+    n = tokens.numel() - 1
+    starts = (tokens[:n] == bos_id).nonzero().flatten().tolist()
+    bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [n]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+def attach_doc_lora(model, rows, rank, generator):
+    """A fresh LoRA on every linear map of the blocks and on the output head, one per batch row: A random, B zero,
+    so the model starts as it is. -> the factors (what document TTT adapts; the model's own weights stay)."""
+    factors = []
+
+    def new(out_features, in_features):
+        dev = generator.device
+        a = torch.randn(rows, rank, in_features, generator=generator, device=dev) / math.sqrt(in_features)
+        factors.extend([a.requires_grad_(), torch.zeros(rows, out_features, rank, device=dev, requires_grad=True)])
+        return factors[-2:]
+    for m in model.blocks.modules():
+        if isinstance(m, CastedLinear):
+            m.lora = new(*m.weight.shape)
+    model.head_lora = new(*(model.tok_emb.weight if model.lm_head is None else model.lm_head.weight).shape)
+    return factors
+
+def detach_doc_lora(model):
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.lora = None
+    model.head_lora = None
+
+def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
+    """Score-first TTT per document: each document alone (its context only its own tokens, at most EVAL_SEQ_LEN),
+    with a fresh LoRA adapted by one Adam step after each TTT_DOC_CHUNK of its targets is scored. Every target is
+    scored once, by weights that saw only earlier targets of its document -> (val_loss, val_bpb, this rank's loss
+    of each target, 0 where another rank scored it)."""
+    E, K = hp.eval_seq_len, hp.ttt_doc_chunk
+    docs = document_targets(tokens, model.bos_id)
+    mine = sorted(docs[ctx.rank::ctx.world_size], key=lambda d: d[0] - d[1])  # longest first: similar rows together
+    batches = [mine[i:i + hp.ttt_doc_batch] for i in range(0, len(mine), hp.ttt_doc_batch)]
+    stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    per_target = torch.zeros(tokens.numel())
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    generator = torch.Generator(device=ctx.device).manual_seed(hp.seed)
+    t0, every = time.time(), max(1, len(batches) // 10)
+    model.eval()
+    for bi, batch in enumerate(batches):
+        opt = torch.optim.Adam(attach_doc_lora(model, len(batch), hp.ttt_doc_rank, generator), lr=hp.ttt_doc_lr)
+        chunks = [math.ceil((hi - lo) / K) for lo, hi in batch]
+        for c in range(max(chunks)):
+            # row i scores targets lo+cK+1..t from the window tokens[w:t], w >= lo (finished rows: nothing)
+            spans = [(max(lo, t - E), t, lo + c * K) for lo, hi in batch for t in [min(lo + (c + 1) * K, hi)]]
+            width = max(t - w for (w, t, _), n in zip(spans, chunks) if c < n)
+            x = torch.zeros(len(batch), width, dtype=torch.int64)
+            y, scored = torch.zeros_like(x), torch.zeros(len(batch), width, dtype=torch.bool)
+            for i, (w, t, done) in enumerate(spans):
+                if c < chunks[i]:
+                    x[i, :t - w], y[i, :t - w] = tokens[w:t], tokens[w + 1:t + 1]
+                    scored[i, done - w:t - w] = True
+            x, y, scored = x.to(ctx.device), y.to(ctx.device), scored.to(ctx.device)
+            with autocast(ctx.device):
+                loss = model(x, y)
+            stats += torch.stack([loss.detach()[scored].double().sum(), scored.sum().double(),
+                                  target_bytes(x[scored], y[scored], luts).sum()])
+            targets = torch.tensor([w + 1 for w, _, _ in spans])[:, None] + torch.arange(width)
+            per_target[targets[scored.cpu()]] = loss.detach()[scored].float().cpu()
+            adapt = scored & torch.tensor([c < n - 1 for n in chunks], device=ctx.device)[:, None]
+            if adapt.any():  # each row's factors get only its own document's gradient
+                (loss[adapt].sum() / adapt.sum()).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if ctx.is_main and (bi + 1) % every == 0:
+            el = time.time() - t0
+            log(f"ttt doc batch {bi + 1}/{len(batches)} running_bpb:{stats_to_metrics(stats)[1]:.4f} "
+                f"elapsed:{el:.0f}s eta:{el / (bi + 1) * (len(batches) - bi - 1):.0f}s")
+    detach_doc_lora(model)
+    for p in frozen:
+        p.requires_grad_(True)
+    if ctx.distributed:
+        dist.all_reduce(stats)
+    log(f"ttt: {len(docs)} documents in {time.time() - t0:.1f}s, chunks of {K} targets, LoRA rank {hp.ttt_doc_rank}")
+    return (*stats_to_metrics(stats), per_target)
+
 # ----------------------------------------------------------------------------------------------
 # MAIN
 # ----------------------------------------------------------------------------------------------
@@ -1836,7 +1949,11 @@ def final_evaluation(model, val_tokens, hp, ctx, luts, log):
         log(f"sliding window:{E} stride:{hp.eval_stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     if hp.ttt_enabled:
         t0 = time.time()
-        loss, bpb, _ = evaluate_ttt(model, val_tokens, hp, eval_rows(hp, ctx, E), ctx, luts, log)
+        if hp.ttt_mode == "doc":
+            with torch.compiler.set_stance("force_eager"):  # a width and a LoRA per step: compiled, each would recompile
+                loss, bpb, _ = evaluate_doc_ttt(model, val_tokens, hp, ctx, luts, log)
+        else:
+            loss, bpb, _ = evaluate_ttt(model, val_tokens, hp, eval_rows(hp, ctx, E), ctx, luts, log)
         scores.update(val_bpb=bpb, val_loss=loss, val_bpb_ttt=bpb)
         log(f"ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} ({time.time() - t0:.1f}s)")
     return scores
@@ -1915,10 +2032,7 @@ def main():
     luts = tuple(t.to(ctx.device) for t in build_byte_luts(sp, hp.vocab_size))  # byte counts stay on device
     train_files = shard_files(hp.data_path, "train")
     val_tokens = load_validation_tokens(hp.data_path, hp.train_seq_len)
-    if int(val_tokens.max()) >= hp.vocab_size:  # needs the tokens read: checked here, still before the model
-        stop_on_problems([f"DATA_PATH={hp.data_path}: the validation shards hold token id {int(val_tokens.max())} >= "
-                          f"VOCAB_SIZE={hp.vocab_size}: the shards are for another tokenizer; use the one they were "
-                          "made with, and its VOCAB_SIZE"], not ctx.is_main)
+    stop_on_problems(validation_problems(hp, val_tokens, sp.bos_id()), not ctx.is_main)
     log(f"device:{ctx.device} world_size:{ctx.world_size} grad_accum_steps:{hp.grad_accum_steps} "
         f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel():,} {code_line} code_sha256:{code_sha256}")
     if ctx.device.type == "cpu" and not hp.smoke:

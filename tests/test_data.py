@@ -147,8 +147,9 @@ def test_token_ids_past_the_vocabulary(inputs, tmp_path):
     assert line.startswith(f"DATA_PATH={env['DATA_PATH']}: the validation shards hold token id 399 >= VOCAB_SIZE=320")
 
 
-def test_smear_gate_needs_a_tokenizer_with_a_bos(inputs, tmp_path):
-    """SMEAR_GATE masks document starts by the BOS id: a tokenizer without one stops the run before any work."""
+def test_smear_gate_and_document_ttt_need_a_tokenizer_with_a_bos(inputs, tmp_path):
+    """SMEAR_GATE and TTT_MODE=doc find document starts by the BOS id: a tokenizer without one stops the run
+    before any work, a line for each."""
     import sentencepiece as spm
     text = tmp_path / "text.txt"
     rng = np.random.default_rng(0)  # varied enough words for 320 pieces
@@ -156,7 +157,9 @@ def test_smear_gate_needs_a_tokenizer_with_a_bos(inputs, tmp_path):
                               for _ in range(2000)))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "nobos"), vocab_size=320,
                                    bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, minloglevel=2)
-    env = dict(inputs, TOKENIZER_PATH=str(tmp_path / "nobos.model"), SMEAR_GATE="1")
+    env = dict(inputs, TOKENIZER_PATH=str(tmp_path / "nobos.model"), SMEAR_GATE="1", TTT_MODE="doc")
     r, seconds = run_train_gpt(env, tmp_path)
     assert stop_lines(r, seconds) == [f"SMEAR_GATE=1 masks document starts by the BOS token, but TOKENIZER_PATH="
-                                      f"{tmp_path / 'nobos.model'} has none: use a tokenizer with a BOS, or SMEAR_GATE=0"]
+                                      f"{tmp_path / 'nobos.model'} has none: use a tokenizer with a BOS, or SMEAR_GATE=0",
+                                      f"TTT_MODE=doc splits documents by the BOS token, but TOKENIZER_PATH="
+                                      f"{tmp_path / 'nobos.model'} has none: use a tokenizer with a BOS, or TTT_MODE=chunk"]

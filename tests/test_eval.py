@@ -465,3 +465,92 @@ def test_final_evaluation_scores_sliding_and_ttt_at_eval_seq_len(model, luts):
     default = tg.final_evaluation(copy.deepcopy(model), tokens, make_hp(TTT_ENABLED=0), CTX, luts, log=lambda msg: None)
     assert default["val_bpb_sliding"] == pytest.approx(sliding_short, rel=1e-6) and default["val_bpb_ttt"] is None
 
+
+
+# ---------------------------------------------------------------------------------------------
+# document TTT (TTT_MODE=doc): a fresh LoRA per document, score-first chunk by chunk
+# ---------------------------------------------------------------------------------------------
+
+BOS = 1
+
+
+def doc_stream(lengths, seed):
+    """Documents as the challenge's shards hold them: [BOS] + tokens (none of them BOS), back to back."""
+    parts = []
+    for i, n in enumerate(lengths):
+        body = torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed + i))
+        parts += [torch.tensor([BOS]), body]
+    return torch.cat(parts).to(torch.int32)
+
+
+def test_document_targets_cover_every_target_once():
+    t = torch.tensor([1, 5, 6, 1, 7, 1, 1, 8, 9])
+    assert tg.document_targets(t, 1) == [(0, 3), (3, 5), (5, 6), (6, 8)]  # targets 1..8, each once
+    assert tg.document_targets(torch.tensor([4, 5, 1, 6, 7]), 1) == [(0, 2), (2, 4)]  # text before the first BOS
+    assert tg.document_targets(torch.tensor([4, 5, 6]), 1) == [(0, 2)]  # no BOS: one document
+
+
+def doc_hp(**env):
+    return make_hp(TTT_MODE="doc", TTT_DOC_CHUNK=8, TTT_DOC_RANK=4, TTT_DOC_BATCH=3, **env)
+
+
+def run_doc_ttt(model, tokens, hp, luts):
+    m = copy.deepcopy(model)
+    m.bos_id = BOS
+    return m, *tg.evaluate_doc_ttt(m, tokens, hp, CTX, luts, log=lambda msg: None)
+
+
+def test_doc_ttt_without_learning_scores_each_document_on_its_own_chunk_windows(model, luts):
+    """At lr 0 the LoRA stays zero: target j of a document is scored by the model run on that document's tokens
+    up to the end of j's chunk (at most EVAL_SEQ_LEN of them), nothing from the document before."""
+    tokens = doc_stream([5, 40, 17, 3, 70], seed=20)  # 70 > EVAL_SEQ_LEN = 32: windows slide within the document
+    hp = doc_hp(TTT_DOC_LR=0)
+    m, loss, bpb, per_target = run_doc_ttt(model, tokens, hp, luts)
+    ref = torch.zeros(tokens.numel())
+    with torch.no_grad():
+        for lo, hi in tg.document_targets(tokens, BOS):
+            for c0 in range(lo, hi, 8):
+                t = min(c0 + 8, hi)
+                w = max(lo, t - SEQ)
+                out = model(tokens[w:t].long()[None], tokens[w + 1:t + 1].long()[None])[0]
+                ref[c0 + 1:t + 1] = out[c0 - w:]
+    torch.testing.assert_close(per_target[1:], ref[1:], rtol=1e-5, atol=1e-6)
+    assert per_target[0] == 0
+    nbytes = float(tg.target_bytes(tokens[:-1].long(), tokens[1:].long(), luts).sum())
+    assert loss == pytest.approx(float(ref.sum()) / (tokens.numel() - 1), rel=1e-5)
+    assert bpb == pytest.approx(float(ref.sum()) / math.log(2) / nbytes, rel=1e-5)
+
+
+def test_doc_ttt_is_score_first_and_documents_never_see_each_other(model, luts):
+    """Changing one token changes no score before it in its document and none in any other document (one batch
+    holds them all); it does change later scores of its own document (the LoRA learned from it)."""
+    lengths = [30, 45, 28]
+    tokens = doc_stream(lengths, seed=30)
+    hp = doc_hp(TTT_DOC_LR=0.05)
+    base, _, _, before = run_doc_ttt(model, tokens, hp, luts)
+    for name, p in model.state_dict().items():  # the model's own weights are untouched, the LoRA is gone
+        assert torch.equal(base.state_dict()[name], p), name
+    assert all(m.lora is None for m in base.modules() if isinstance(m, tg.CastedLinear)) and base.head_lora is None
+    assert all(p.requires_grad for p in base.parameters())
+    docs = tg.document_targets(tokens, BOS)
+    lo, hi = docs[1]
+    pos = lo + 20  # inside document 2, in its third chunk of 8
+    changed = tokens.clone()
+    changed[pos] = 2 + (int(changed[pos]) - 1) % (VOCAB - 2)
+    _, _, _, after = run_doc_ttt(model, changed, hp, luts)
+    assert torch.equal(after[:pos], before[:pos])  # earlier targets, this document and the first
+    assert torch.equal(after[hi + 1:], before[hi + 1:])  # the next document
+    assert not torch.equal(after[pos:hi + 1], before[pos:hi + 1])
+    _, _, _, frozen = run_doc_ttt(model, tokens, doc_hp(TTT_DOC_LR=0), luts)
+    assert not torch.allclose(frozen[lo + 9:hi + 1], before[lo + 9:hi + 1])  # it learns: later chunks score otherwise
+    torch.testing.assert_close(frozen[lo + 1:lo + 9], before[lo + 1:lo + 9])  # the first chunk is scored before any step
+
+
+def test_doc_ttt_settings_and_inputs_are_checked(sp):
+    with pytest.raises(tg.ConfigError, match="TTT_MODE='global': expected one of chunk, doc"):
+        make_hp(TTT_MODE="global")
+    hp = doc_hp()
+    assert tg.validation_problems(hp, doc_stream([4, 4], seed=1), BOS) == []
+    problems = tg.validation_problems(hp, torch.tensor([5, 6, 7], dtype=torch.int32), BOS)
+    assert len(problems) == 1 and problems[0].startswith("TTT_MODE=doc: the validation shards in DATA_PATH=")
+    assert tg.validation_problems(make_hp(), torch.tensor([5, 6, 7], dtype=torch.int32), BOS) == []  # chunk mode

@@ -304,8 +304,9 @@ def eval_artifact(cwd, *args, env=None):
 
 
 def test_eval_artifact_rescores_a_finished_run_at_another_context(tmp_path):
-    """A SMOKE run's artifact scored again with a window twice as long: the roundtrip repeats the run's own
-    exactly (same weights, same data), the sliding score is the one at the longer window (it differs)."""
+    """A SMOKE run's artifact scored again with a window twice as long and document TTT: the roundtrip repeats
+    the run's own exactly (same weights, same data), the sliding score is the one at the longer window (it
+    differs), and the TTT the run did not do is scored."""
     from util import make_inputs, run_train_gpt
     r, _ = run_train_gpt(dict(SMOKE=1, MAX_WALLCLOCK_SECONDS=8, WARMUP_STEPS=0, TTT_ENABLED=0, RUN_ID="rescored"),
                          tmp_path, timeout=300)
@@ -314,13 +315,13 @@ def test_eval_artifact_rescores_a_finished_run_at_another_context(tmp_path):
     # SMOKE's corpus is removed at exit; its maker is deterministic, so the same data is made again
     inputs = make_inputs(tmp_path / "data")
     paths = [f"{k}={inputs[k]}" for k in ("DATA_PATH", "TOKENIZER_PATH")]
-    e = eval_artifact(tmp_path, "rescored", "EVAL_SEQ_LEN=256", *paths)
+    e = eval_artifact(tmp_path, "rescored", "EVAL_SEQ_LEN=256", "TTT_ENABLED=1", "TTT_MODE=doc", *paths)
     assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
-    assert "sliding window:256 stride:64" in e.stdout
+    assert "sliding window:256 stride:64" in e.stdout and "ttt doc batch" in e.stdout
     s = json.loads(e.stdout.strip().splitlines()[-1][len("eval_summary "):])
     assert s["val_bpb_roundtrip"] == run["val_bpb_roundtrip"]
     assert s["val_bpb_sliding"] != run["val_bpb_sliding"] and s["config"]["EVAL_SEQ_LEN"] == 256
-    assert s["artifact_of"] == "rescored" and s["val_bpb_ttt"] is None
+    assert s["artifact_of"] == "rescored" and run["val_bpb_ttt"] is None and s["val_bpb"] == s["val_bpb_ttt"] > 0
 
 
 def test_eval_artifact_refuses_what_it_cannot_do_before_any_work(tmp_path):

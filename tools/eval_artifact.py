@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-EVALUATION_KNOBS = ("EVAL_SEQ_LEN", "EVAL_STRIDE", "VAL_BATCH_SIZE", "TTT_ENABLED", "TTT_LR", "TTT_EPOCHS",
-                    "TTT_CHUNK_TOKENS", "TTT_MOMENTUM", "COMPILE", "FAST_KERNELS", "REQUIRE_FAST_KERNELS",
-                    "DATA_PATH", "TOKENIZER_PATH")
+EVALUATION_KNOBS = ("EVAL_SEQ_LEN", "EVAL_STRIDE", "VAL_BATCH_SIZE", "TTT_ENABLED", "TTT_MODE", "TTT_LR", "TTT_EPOCHS",
+                    "TTT_CHUNK_TOKENS", "TTT_MOMENTUM", "TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH",
+                    "COMPILE", "FAST_KERNELS", "REQUIRE_FAST_KERNELS", "DATA_PATH", "TOKENIZER_PATH")
 
 
 def run_settings(run_id, settings, logs=Path("logs")):
@@ -74,6 +74,7 @@ def main():
     sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     luts = tuple(t.to(ctx.device) for t in tg.build_byte_luts(sp, hp.vocab_size))
     val_tokens = tg.load_validation_tokens(hp.data_path, hp.train_seq_len)
+    tg.stop_on_problems(tg.validation_problems(hp, val_tokens, sp.bos_id()), quiet)
     tg.configure_kernels(hp, ctx.device, log)
     model = tg.HybridGPT(hp).to(ctx.device)
     model.bos_id = sp.bos_id()
