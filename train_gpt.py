@@ -91,6 +91,8 @@ class Hyperparameters:
         # 1: each head's output times sigmoid(0.5 w_h . x[:12]), x the block's normalized input (sparse output gate)
         self.attn_gate = self._flag("ATTN_GATE", 0)
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
+        # the cap of the negative logits, where it differs (the later records' asymmetric softcap); 0: LOGIT_SOFTCAP
+        self.logit_softcap_neg = self._float("LOGIT_SOFTCAP_NEG", 0.0, 0.0, 1e4)
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
         # where a Mamba block takes LN_SCALE's factor: on its mixer's input, or on the mixer's output
@@ -279,6 +281,11 @@ class Hyperparameters:
             else:
                 fix = f"MAX_WALLCLOCK_SECONDS={max(self._defaults['MAX_WALLCLOCK_SECONDS'], 2 * reserve):g}, or 0 for no cap"
             e(f"MAX_WALLCLOCK_SECONDS={cap:g} leaves no training time after GPTQ_RESERVE_SECONDS={reserve:g}: try {fix}")
+        if self.is_valid("LOGIT_SOFTCAP", "LOGIT_SOFTCAP_NEG"):
+            if self.logit_softcap_neg and not self.logit_softcap:
+                e(f"LOGIT_SOFTCAP_NEG={self.logit_softcap_neg:g} caps the negative logits of a softcap, but "
+                  "LOGIT_SOFTCAP=0 turns it off: set LOGIT_SOFTCAP (e.g. 30), or LOGIT_SOFTCAP_NEG=0")
+            self.logit_softcap_neg = self.resolved["LOGIT_SOFTCAP_NEG"] = self.logit_softcap_neg or self.logit_softcap
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
         if self.is_valid("TTT_ENABLED", "EVAL_STRIDE") and self.ttt_enabled and self.eval_stride == 0:
@@ -870,7 +877,7 @@ class HybridGPT(nn.Module):
 
     def __init__(self, hp):
         super().__init__()
-        self.softcap, self.vocab_size = hp.logit_softcap, hp.vocab_size
+        self.softcap, self.softcap_neg, self.vocab_size = hp.logit_softcap, hp.logit_softcap_neg, hp.vocab_size
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab_size else None
         self.is_mamba = [i in hp.mamba_layers for i in range(hp.num_layers)]
@@ -941,7 +948,8 @@ class HybridGPT(nn.Module):
             a, b = self.head_lora
             logits = logits + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
         if self.softcap > 0:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
+            cap = self.softcap if self.softcap_neg == self.softcap else torch.where(logits > 0, self.softcap, self.softcap_neg)
+            logits = cap * torch.tanh(logits / cap)
         return logits
 
     def forward(self, ids, targets):

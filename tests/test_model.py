@@ -342,6 +342,25 @@ def test_forward_loss_is_per_token_cross_entropy():
     assert logits.abs().max() <= hp.logit_softcap
 
 
+def test_asymmetric_softcap_caps_each_sign_by_its_own_limit():
+    """LOGIT_SOFTCAP_NEG: positive logits z -> 30 tanh(z / 30), negative ones -> 10 tanh(z / 10); unset, the
+    negative cap is LOGIT_SOFTCAP's (the one symmetric softcap)."""
+    hp = make_hp(LOGIT_SOFTCAP=30, LOGIT_SOFTCAP_NEG=10)
+    assert make_hp(LOGIT_SOFTCAP=30).logit_softcap_neg == 30
+    model = perturbed_model(hp)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(400)  # raw logits far past both caps
+    ids = torch.randint(0, hp.vocab_size, (2, 17))
+    capped = model.logits(ids)
+    model.softcap = 0.0
+    raw = model.logits(ids)
+    expected = torch.where(raw > 0, 30 * torch.tanh(raw / 30), 10 * torch.tanh(raw / 10))
+    torch.testing.assert_close(capped, expected)
+    assert capped.max() > 25 and capped.min() < -9 and capped.min() >= -10
+    with pytest.raises(tg.ConfigError, match="LOGIT_SOFTCAP_NEG=10 caps the negative logits of a softcap, but LOGIT_SOFTCAP=0"):
+        make_hp(LOGIT_SOFTCAP=0, LOGIT_SOFTCAP_NEG=10)
+
+
 def test_kernel_configuration_on_cpu_uses_the_pytorch_paths():
     lines = []
     tg.configure_kernels(make_hp(), torch.device("cpu"), lines.append)
