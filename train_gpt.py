@@ -1680,6 +1680,28 @@ def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     model.train()
     return stats_to_metrics(stats)
 
+def sgd_on_spans(model, tokens, spans, opt, epochs, rows, steps, ctx):
+    """The whole model trained on this rank's token spans (s, e): inputs tokens[s:e], targets tokens[s+1:e+1], rows
+    at a time, `epochs` passes of `steps` steps, which every rank must take alike (gradients are averaged; a rank
+    out of spans adds zeros)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for _ in range(epochs):
+        for i in range(steps):
+            batch = spans[i * rows:(i + 1) * rows]
+            if batch:
+                x = torch.zeros(len(batch), max(e - s for s, e in batch), dtype=torch.int64)
+                y, valid = torch.zeros_like(x), torch.zeros(x.shape, dtype=torch.bool)
+                for j, (s, e) in enumerate(batch):
+                    x[j, :e - s], y[j, :e - s], valid[j, :e - s] = tokens[s:e], tokens[s + 1:e + 1], True
+                with autocast(ctx.device):
+                    loss = model(x.to(ctx.device), y.to(ctx.device))[valid.to(ctx.device)].mean()
+                loss.backward()
+            average_gradients(params, ctx)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
 def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     """Score-first test-time training: each chunk of the validation tokens is scored (no grad) with the weights
     adapted on earlier chunks only, then (all but the last) trained on -> (val_loss, val_bpb, per-chunk stats)."""
@@ -1703,24 +1725,10 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
             break
         for g in opt.param_groups:
             g["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(num_chunks - 1, 1)))
-        chunk = tokens[lo:hi + 1]
-        nseq = max(1, (chunk.numel() - 1) // L)
-        seq_len = min(L, chunk.numel() - 1)
-        seqs = [chunk[i * seq_len:i * seq_len + seq_len + 1] for i in range(nseq)]
-        mine = seqs[ctx.rank::ctx.world_size]
-        model.train()
-        for _ in range(hp.ttt_epochs):
-            for i in range(0, max(len(mine), 1), batch_seqs):
-                batch = mine[i:i + batch_seqs]
-                if batch:  # a rank without a sequence here still joins the gradient all-reduce
-                    xy = torch.stack(batch).to(ctx.device, torch.int64)
-                    with autocast(ctx.device):
-                        loss = model(xy[:, :-1], xy[:, 1:]).mean()
-                    loss.backward()
-                average_gradients(params, ctx)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        seq_len = min(L, hi - lo)
+        spans = [(lo + i * seq_len, lo + (i + 1) * seq_len) for i in range(max(1, (hi - lo) // L))]
+        steps = math.ceil(math.ceil(len(spans) / ctx.world_size) / batch_seqs)  # the same on every rank
+        sgd_on_spans(model, tokens, spans[ctx.rank::ctx.world_size], opt, hp.ttt_epochs, batch_seqs, steps, ctx)
         el = time.time() - t0
         if ci == 0:
             first_s = el  # the first chunk compiles scoring and adapting: no rate from it
