@@ -167,6 +167,10 @@ class Hyperparameters:
         self.ttt_doc_lr = self._float("TTT_DOC_LR", 3e-4, 0.0, 10.0)
         self.ttt_doc_rank = self._int("TTT_DOC_RANK", 32, 1, 1024)
         self.ttt_doc_batch = self._int("TTT_DOC_BATCH", 64, 1, 65536)  # documents adapted side by side, per rank
+        # phased doc TTT: after each of TTT_DOC_PHASES equal parts of the first TTT_DOC_PREFIX of the documents, the
+        # whole model trains (TTT_LR, _MOMENTUM, _EPOCHS) on every document scored so far; 0 phases: none
+        self.ttt_doc_phases = self._int("TTT_DOC_PHASES", 0, 0, 100)
+        self.ttt_doc_prefix = self._float("TTT_DOC_PREFIX", 0.05, 0.0, 1.0)
         self._errors += [f"{name} is retired: use {instead}" for name, instead in RETIRED.items() if name in self._env]
         self._cross_checks()
         if self._errors and raise_errors:
@@ -1775,12 +1779,16 @@ def detach_doc_lora(model):
 def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
     """Score-first TTT per document: each document alone (its context only its own tokens, at most EVAL_SEQ_LEN),
     with a fresh LoRA adapted by one Adam step after each TTT_DOC_CHUNK of its targets is scored. Every target is
-    scored once, by weights that saw only earlier targets of its document -> (val_loss, val_bpb, this rank's loss
-    of each target, 0 where another rank scored it)."""
-    E, K = hp.eval_seq_len, hp.ttt_doc_chunk
+    scored once, by weights that saw only earlier targets of its document (and, phased, documents scored before
+    it) -> (val_loss, val_bpb, this rank's loss of each target, 0 where another rank scored it)."""
+    E, K, rows = hp.eval_seq_len, hp.ttt_doc_chunk, hp.ttt_doc_batch
     docs = document_targets(tokens, model.bos_id)
     mine = sorted(docs[ctx.rank::ctx.world_size], key=lambda d: d[0] - d[1])  # longest first: similar rows together
-    batches = [mine[i:i + hp.ttt_doc_batch] for i in range(0, len(mine), hp.ttt_doc_batch)]
+    batches = [mine[i:i + rows] for i in range(0, len(mine), rows)]
+    # the batches after which a phase trains the whole model: alike on every rank (each has this many documents)
+    prefix = round(hp.ttt_doc_prefix * (len(docs) // ctx.world_size)) if hp.ttt_doc_phases else 0
+    phase_after = sorted({math.ceil(prefix * (p + 1) / hp.ttt_doc_phases / rows) - 1 for p in range(hp.ttt_doc_phases)}
+                         if prefix else set())
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     per_target = torch.zeros(tokens.numel())
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -1814,6 +1822,22 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
                 (loss[adapt].sum() / adapt.sum()).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        if bi in phase_after:  # only documents whose every target is scored: this batch's and those before
+            detach_doc_lora(model)
+            for p in frozen:
+                p.requires_grad_(True)
+            spans = [(w, min(w + E, hi)) for lo, hi in mine[:(bi + 1) * rows] for w in range(lo, hi, E)]
+            steps = torch.tensor([math.ceil(len(spans) / rows)], device=ctx.device)
+            if ctx.distributed:
+                dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+            t_phase = time.time()
+            sgd_on_spans(model, tokens, spans, torch.optim.SGD(frozen, lr=hp.ttt_lr, momentum=hp.ttt_momentum),
+                         hp.ttt_epochs, rows, int(steps), ctx)
+            model.eval()
+            for p in frozen:
+                p.requires_grad_(False)
+            log(f"ttt doc phase after batch {bi + 1}: the model trained on {len(mine[:(bi + 1) * rows])} documents a rank "
+                f"({time.time() - t_phase:.1f}s)")
         if ctx.is_main and (bi + 1) % every == 0:
             el = time.time() - t0
             log(f"ttt doc batch {bi + 1}/{len(batches)} running_bpb:{stats_to_metrics(stats)[1]:.4f} "

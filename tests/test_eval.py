@@ -491,7 +491,7 @@ def test_document_targets_cover_every_target_once():
 
 
 def doc_hp(**env):
-    return make_hp(TTT_MODE="doc", TTT_DOC_CHUNK=8, TTT_DOC_RANK=4, TTT_DOC_BATCH=3, **env)
+    return make_hp(**dict(dict(TTT_MODE="doc", TTT_DOC_CHUNK=8, TTT_DOC_RANK=4, TTT_DOC_BATCH=3), **env))
 
 
 def run_doc_ttt(model, tokens, hp, luts):
@@ -554,3 +554,66 @@ def test_doc_ttt_settings_and_inputs_are_checked(sp):
     problems = tg.validation_problems(hp, torch.tensor([5, 6, 7], dtype=torch.int32), BOS)
     assert len(problems) == 1 and problems[0].startswith("TTT_MODE=doc: the validation shards in DATA_PATH=")
     assert tg.validation_problems(make_hp(), torch.tensor([5, 6, 7], dtype=torch.int32), BOS) == []  # chunk mode
+
+
+def test_phased_doc_ttt_trains_the_model_only_on_documents_already_scored(model, luts):
+    """TTT_DOC_PHASES=1 with half the documents as prefix: after the first two (the longest, which go first), the
+    whole model trains on them; the two after are scored by it. A token changed in the third document changes
+    no score outside it (it is never trained on before it is scored); one changed in the first changes the last
+    two documents' scores (learned in the phase), not the second's (scored before the phase)."""
+    lengths = [40, 12, 30, 20]  # order of processing: 40, 30, 20, 12
+    tokens = doc_stream(lengths, seed=40)
+    docs = dict(zip(lengths, tg.document_targets(tokens, BOS)))
+
+    def scores(stream, **env):
+        return run_doc_ttt(model, stream, doc_hp(**dict(dict(TTT_DOC_PHASES=1, TTT_DOC_PREFIX=0.5, TTT_DOC_BATCH=1,
+                                                             TTT_LR=0.05, TTT_DOC_LR=0.01), **env)), luts)
+
+    def part(per_target, length):
+        lo, hi = docs[length]
+        return per_target[lo + 1:hi + 1]
+    trained, _, _, phased = scores(tokens)
+    _, _, _, plain = scores(tokens, TTT_DOC_PHASES=0)
+    for n in (40, 30):
+        assert torch.equal(part(phased, n), part(plain, n))
+    for n in (20, 12):
+        assert not torch.allclose(part(phased, n), part(plain, n))
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+
+    def changed_in(length, offset):
+        out = tokens.clone()
+        pos = docs[length][0] + offset
+        out[pos] = 2 + (int(out[pos]) - 1) % (VOCAB - 2)
+        return scores(out)[3], pos
+    after, pos = changed_in(20, 10)  # the third document scored, after the phase
+    lo, hi = docs[20]
+    assert torch.equal(after[:pos], phased[:pos]) and torch.equal(after[hi + 1:], phased[hi + 1:])
+    assert not torch.equal(after[pos:hi + 1], phased[pos:hi + 1])
+    after, _ = changed_in(40, 5)
+    assert torch.equal(part(after, 30), part(phased, 30))
+    for n in (20, 12):
+        assert not torch.equal(part(after, n), part(phased, n))
+
+
+def _doc_phase_rank(rank, world_size, port, out_dir):
+    ctx = join_gloo(rank, world_size, port)
+    hp = doc_hp(TTT_DOC_PHASES=2, TTT_DOC_PREFIX=1.0, TTT_DOC_BATCH=1, TTT_LR=0.05)
+    model = make_model(hp)
+    model.bos_id = BOS
+    luts = (torch.ones(VOCAB, dtype=torch.int16), torch.zeros(VOCAB, dtype=torch.bool), torch.ones(VOCAB, dtype=torch.bool))
+    # rank 0 gets the 50- and 9-token documents, rank 1 the 20-token one: unequal shares, unequal phase steps
+    loss, bpb, _ = tg.evaluate_doc_ttt(model, doc_stream([50, 20, 9], seed=50), hp, ctx, luts, log=lambda msg: None)
+    torch.save({"loss": loss, "state": model.state_dict()}, f"{out_dir}/doc_r{rank}.pt")
+    leave_gloo()
+
+
+def test_two_rank_phased_doc_ttt_keeps_ranks_identical(tmp_path):
+    """Ranks score their own documents; each phase averages the whole model's gradients over ranks with the same
+    number of steps on each (the rank with fewer spans adds zeros): no rank waits forever, all end alike."""
+    import torch.multiprocessing as mp
+    mp.spawn(_doc_phase_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"doc_r{r}.pt") for r in (0, 1))
+    assert r0["loss"] == r1["loss"]
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+
