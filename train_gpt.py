@@ -102,6 +102,8 @@ class Hyperparameters:
         self.smear_gate = self._flag("SMEAR_GATE", 0)
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
+        # attention blocks that also run a Mamba-2 beside their attention, on the same input: x + attn(h) + mamba2(h)
+        self.mamba_branch_layers = self._layers("MAMBA_BRANCH_LAYERS", "")
         self.mamba_d_state = self._int("MAMBA_D_STATE", 32, 1, 512)
         self.mamba_d_conv = self._int("MAMBA_D_CONV", 4, 1, 16)
         self.mamba_expand = self._float("MAMBA_EXPAND", 1.0, 0.25, 8.0)
@@ -256,12 +258,18 @@ class Hyperparameters:
         if self.is_valid("NUM_LAYERS"):
             self._fit_layer_defaults()
         self._shape_checks()
-        for name, layers in (("MAMBA_LAYERS", self.mamba_layers), ("RECUR_LAYERS", self.recur_layers)):
+        for name, layers in (("MAMBA_LAYERS", self.mamba_layers), ("MAMBA_BRANCH_LAYERS", self.mamba_branch_layers),
+                             ("RECUR_LAYERS", self.recur_layers)):
             bad = [i for i in layers if not 0 <= i < n]
             if bad and self.is_valid("NUM_LAYERS", name):
                 fixes = [f"{name}={','.join(str(i) for i in layers if 0 <= i < n)}"]
                 fixes += [f"NUM_LAYERS={max(bad) + 1}"] if n <= max(bad) < self._ranges["NUM_LAYERS"][1] else []
                 e(f"{name} has {bad}: expected indices in [0, {n - 1}] (NUM_LAYERS={n}): try {' or '.join(fixes)}")
+        both = sorted(set(self.mamba_layers) & set(self.mamba_branch_layers))
+        if both:
+            e(f"MAMBA_BRANCH_LAYERS and MAMBA_LAYERS both have {both}: a branch sits beside a block's attention, and "
+              f"there a Mamba-2 block has none: try MAMBA_BRANCH_LAYERS="
+              f"{','.join(str(i) for i in self.mamba_branch_layers if i not in both)}")
         recur = self.recur_layers
         if recur and recur != list(range(recur[0], recur[-1] + 1)):
             e(f"RECUR_LAYERS={self.resolved['RECUR_LAYERS']}: expected consecutive layers: try "
@@ -331,7 +339,7 @@ class Hyperparameters:
             ("rope", ("ROPE_DIMS", "MODEL_DIM", "NUM_HEADS"), lambda v: v["ROPE_DIMS"] % 2 == 0 and v["ROPE_DIMS"] <= head_dim(v),
              lambda v: f"ROPE_DIMS={v['ROPE_DIMS']} must be even and at most the head dim ({head_dim(v)}), 0 rotates all",
              "heads")]
-        if self.mamba_layers:  # without a Mamba layer its shape is never built
+        if self.mamba_layers or self.mamba_branch_layers:  # without a Mamba-2 its shape is never built
             rules += [
                 ("mamba", ("MAMBA_HEADDIM", "MAMBA_EXPAND", "MODEL_DIM"), lambda v: d_inner(v) % v["MAMBA_HEADDIM"] == 0,
                  lambda v: f"MAMBA_EXPAND*MODEL_DIM={d_inner(v)} must be a multiple of MAMBA_HEADDIM={v['MAMBA_HEADDIM']}",
@@ -825,7 +833,8 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
 class Block(nn.Module):
-    """Pre-norm residual block: a mixer (attention or Mamba-2), then an MLP; `parallel`: x + mixer(x) + mlp(x).
+    """Pre-norm residual block: a mixer (attention or Mamba-2; attention may have a Mamba-2 branch beside it on the
+    same input), then an MLP; `parallel`: x + mixer(x) + mlp(x).
     Under LN_SCALE block i's normalized inputs are scaled by 1/sqrt(i+1), so deeper blocks write smaller updates."""
 
     def __init__(self, hp, index, is_mamba):
@@ -840,6 +849,8 @@ class Block(nn.Module):
         # Mamba-2 RMS-normalizes its own output: a smaller input cannot shrink its update, a scaled output can
         self.scale_mixer_output = is_mamba and hp.mamba_norm_scale == "output"
         self.parallel = bool(hp.parallel_from) and index >= hp.parallel_from and self.mlp is not None
+        self.branch = Mamba2(hp) if not is_mamba and index in hp.mamba_branch_layers else None
+        self.branch_scale = nn.Parameter(torch.ones(dim)) if self.branch is not None else None
 
     def norm(self, x, scale):
         return F.rms_norm(x, (x.size(-1),)) * scale
@@ -848,7 +859,10 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         inner, outer = (1.0, self.norm_scale) if self.scale_mixer_output else (self.norm_scale, 1.0)
-        out = x + (self.mixer_scale * outer).to(x.dtype) * self.mixer(self.norm(x, inner))  # on the gain, not the activations
+        h = self.norm(x, inner)
+        out = x + (self.mixer_scale * outer).to(x.dtype) * self.mixer(h)  # on the gain, not the activations
+        if self.branch is not None:  # its out_proj starts at zero: the block starts as attention alone
+            out = out + self.branch_scale.to(x.dtype) * self.branch(h)
         if self.mlp is None:
             return out
         return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.parallel else out, self.norm_scale))
@@ -967,7 +981,8 @@ def parameter_report(model):
     for name, p in model.named_parameters():
         if name.startswith("blocks."):
             kind = "mamba" if model.is_mamba[int(name.split(".")[1])] else "attention"
-            part = f"{kind}_mixers" if ".mixer." in name else ("mlps" if ".mlp." in name else "block_scalars")
+            part = (f"{kind}_mixers" if ".mixer." in name else "mamba_branches" if ".branch." in name
+                    else "mlps" if ".mlp." in name else "block_scalars")
         else:
             part = {"tok_emb": "embedding", "bigram": "bigram", "lm_head": "lm_head", "smear_w": "block_scalars",
                     "smear_lambda": "block_scalars"}.get(name.split(".")[0], "skips")
@@ -1054,7 +1069,7 @@ def param_group(name, p):
     if name.startswith("lm_head."):
         return "head"
     if p.ndim == 2 and name.endswith(".weight"):
-        return "mamba_matrices" if ".mixer.in_proj." in name or ".mixer.out_proj." in name else "matrices"
+        return "mamba_matrices" if name.split(".")[-2] in ("in_proj", "out_proj") else "matrices"
     return "ssm" if name.rsplit(".", 1)[-1] in MAMBA_SSM_PARAMS else "controls"  # gains, mixes, skip weights
 
 def build_optimizers(model, hp):
@@ -1908,7 +1923,8 @@ def layer_map(model):
         skip = f" <- skip from layer {skips[i]}" if i in skips else ""
         b = model.blocks[block]
         mlp = ("||mlp" if b.parallel else "+mlp") if b.mlp is not None else ""
-        lines.append(f"  layer {i:2d}{which} {role}: {'mamba2' if model.is_mamba[block] else 'attention'}{mlp}{skip}")
+        mixer = "mamba2" if model.is_mamba[block] else "attention&mamba2" if b.branch is not None else "attention"
+        lines.append(f"  layer {i:2d}{which} {role}: {mixer}{mlp}{skip}")
     return "\n".join(lines)
 
 def describe(hp, model, log, code_bytes):

@@ -132,11 +132,12 @@ def test_model_loss_and_grads_kernels_vs_fallback(fast):
 
 
 @pytest.mark.parametrize("env", [{"RECUR_LAYERS": "", "PARALLEL_FROM": "0"},
-                                 {"RECUR_LAYERS": "1,2", "PARALLEL_FROM": "2", "ATTN_GATE": "1", "SMEAR_GATE": "1"}])
+                                 {"RECUR_LAYERS": "1,2", "PARALLEL_FROM": "2", "ATTN_GATE": "1", "SMEAR_GATE": "1",
+                                  "MAMBA_BRANCH_LAYERS": "1"}])
 def test_whole_model_compiles_without_graph_breaks(fast, env):
     """fullgraph=True raises at the first graph break: the SSD custom op must be opaque and causal-conv1d's
     kernel, where installed, traceable (it broke the graph once, writing a strided out=), not a break (nor the
-    looped layer order, nor parallel residuals, nor the attention and smear gates); both layer orders compile,
+    looped layer order, nor parallel residuals, nor the attention and smear gates, nor a Mamba-2 branch); both layer orders compile,
     each to the eager loss."""
     need(fast, "ssd")
     model, ids = small_cuda_model(**env)

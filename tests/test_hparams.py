@@ -63,6 +63,10 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"MATRIX_LR": "nan"}, "MATRIX_LR=nan"),
     ({"MAMBA_LAYERS": "0,1,x"}, "MAMBA_LAYERS='0,1,x'"),
     ({"MAMBA_LAYERS": "0,11"}, "MAMBA_LAYERS has [11]"),
+    ({"MAMBA_BRANCH_LAYERS": "12"}, "MAMBA_BRANCH_LAYERS has [12]: expected indices in [0, 10]"),
+    ({"MAMBA_BRANCH_LAYERS": "1,10"}, "MAMBA_BRANCH_LAYERS and MAMBA_LAYERS both have [1]: a branch sits beside a "
+                                      "block's attention, and there a Mamba-2 block has none: try MAMBA_BRANCH_LAYERS=10"),
+    ({"MAMBA_LAYERS": "", "MAMBA_BRANCH_LAYERS": "3", "MAMBA_HEADDIM": "100"}, "must be a multiple of MAMBA_HEADDIM=100"),
     ({"NUM_HEADS": "6"}, "MODEL_DIM=512 must split into NUM_HEADS=6"),
     ({"NUM_KV_HEADS": "3"}, "NUM_HEADS=8 must be a multiple of NUM_KV_HEADS=3"),
     ({"MAMBA_HEADDIM": "100"}, "must be a multiple of MAMBA_HEADDIM=100"),

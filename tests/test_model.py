@@ -96,7 +96,7 @@ def perturbed_model(hp, seed=0):
 
 @pytest.mark.parametrize("layers, extra", [("0,2,3", {}), ("", {}), ("0,1,2,3", {}),
                                            ("0,2", {"ATTN_XSA": 1, "ROPE_DIMS": 8}), ("0,2", {"SMEAR_GATE": 1}),
-                                           ("0,2", {"ATTN_GATE": 1})])
+                                           ("0,2", {"ATTN_GATE": 1}), ("0", {"MAMBA_BRANCH_LAYERS": "1,3"})])
 def test_whole_model_is_causal(layers, extra):
     hp = make_hp(MAMBA_LAYERS=layers, MAMBA_CHUNK_SIZE=8, **extra)
     model = perturbed_model(hp).double()
@@ -113,6 +113,39 @@ def test_whole_model_is_causal(layers, extra):
         out = model.logits(changed)
         torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-12)
         assert (out[:, t:] - base[:, t:]).abs().amax() > 1e-6
+
+
+def test_mamba_branch_adds_a_mamba2_beside_attention_on_the_same_input():
+    """MAMBA_BRANCH_LAYERS: a = x + attn(h) + s * mamba2(h), h the block's normalized input, then the MLP on a (or,
+    parallel, on the input); with the branch's out_proj at zero (its init) exactly the block without it. Its matrices
+    train as Mamba's do (Muon at MAMBA_MATRIX_LR), its SSM parameters as the other SSM parameters."""
+    hp = make_hp(MAMBA_LAYERS="0", MAMBA_BRANCH_LAYERS="1,3", MAMBA_CHUNK_SIZE=8)  # SMOKE: PARALLEL_FROM=3
+    model = tg.HybridGPT(hp).double()
+    assert model.blocks[2].branch is None and model.blocks[0].branch is None
+    x, x0 = torch.randn(2, 16, hp.model_dim, dtype=torch.float64), torch.randn(2, 16, hp.model_dim, dtype=torch.float64)
+    for i, parallel in ((1, False), (3, True)):
+        block = model.blocks[i]
+        assert isinstance(block.mixer, tg.Attention) and isinstance(block.branch, tg.Mamba2) and block.parallel == parallel
+        with torch.no_grad():
+            branch = block.branch
+            out = block(x, x0)
+            block.branch = None
+            torch.testing.assert_close(out, block(x, x0))  # zero out_proj: the branch adds nothing yet
+            block.branch = branch
+            for p in (branch.out_proj.weight, block.mixer.proj.weight, block.mlp.proj.weight):
+                p.normal_(0, 0.1)
+            block.branch_scale.uniform_(0.5, 1.5)
+            xin = block.resid_mix[0] * x + block.resid_mix[1] * x0
+            h = F.rms_norm(xin, (hp.model_dim,)) * block.norm_scale
+            a = xin + block.mixer_scale * block.mixer(h) + block.branch_scale * branch(h)
+            mlp_in = F.rms_norm(xin if parallel else a, (hp.model_dim,)) * block.norm_scale
+            torch.testing.assert_close(block(x, x0), a + block.mlp_scale * block.mlp(mlp_in))
+    names = dict(model.named_parameters())
+    assert tg.param_group("blocks.1.branch.in_proj.weight", names["blocks.1.branch.in_proj.weight"]) == "mamba_matrices"
+    assert tg.param_group("blocks.1.branch.A_log", names["blocks.1.branch.A_log"]) == "ssm"
+    assert tg.param_group("blocks.1.branch_scale", names["blocks.1.branch_scale"]) == "controls"
+    assert "layer  1 encoder: attention&mamba2+mlp" in tg.layer_map(model)
+    assert tg.parameter_report(model)["mamba_branches"] == sum(p.numel() for p in model.blocks[1].branch.parameters()) * 2
 
 
 def test_layer_map_and_skips():
