@@ -499,13 +499,17 @@ def test_partial_rope_rotates_only_its_dims_and_stays_relative():
     assert abs(score(5, 2) - score(9, 6)) < 1e-9 and abs(score(5, 2) - score(5, 3)) > 1e-6
 
 
-def test_xsa_removes_each_output_s_own_value_direction():
-    hp = make_hp(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ATTN_XSA=1)
+def exposed_attention(**env):
+    """A 32-wide, 4-head attention whose output projection is the identity (its output is y itself), and an input."""
     torch.manual_seed(0)
-    attn = tg.Attention(hp).double()
+    attn = tg.Attention(make_hp(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, **env)).double()
     with torch.no_grad():
-        attn.proj.weight.copy_(torch.eye(32, dtype=torch.float64))  # expose y itself
-    x = torch.randn(2, 10, 32, dtype=torch.float64)
+        attn.proj.weight.copy_(torch.eye(32, dtype=torch.float64))
+    return attn, torch.randn(2, 10, 32, dtype=torch.float64)
+
+
+def test_xsa_removes_each_output_s_own_value_direction():
+    attn, x = exposed_attention(ATTN_XSA=1)
     with torch.no_grad():
         y = attn(x).view(2, 10, 4, 8)
         v = attn.v(x).view(2, 10, 2, 8).repeat_interleave(2, dim=2)
@@ -517,12 +521,7 @@ def test_xsa_removes_each_output_s_own_value_direction():
 
 def test_attention_gate_scales_each_head_by_its_own_sigmoid():
     """ATTN_GATE: head h's output (after XSA) times sigmoid(0.5 w_h . x[:12]), x the attention's input; 1/2 at init."""
-    hp = make_hp(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ATTN_GATE=1)
-    torch.manual_seed(0)
-    attn = tg.Attention(hp).double()
-    with torch.no_grad():
-        attn.proj.weight.copy_(torch.eye(32, dtype=torch.float64))  # expose y itself
-    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    attn, x = exposed_attention(ATTN_GATE=1)
     gate_w = attn.gate_w
     with torch.no_grad():
         attn.gate_w = None
