@@ -1,7 +1,7 @@
 """GPU fast paths against the PyTorch fallbacks, and multi-GPU training (on a CUDA machine:
 python3 -m pytest -m gpu tests/test_gpu.py, or tools/gpu_check.sh). CI has no GPU, so pytest.ini's
 `-m "not gpu"` deselects these there."""
-import contextlib, os, subprocess, sys
+import contextlib, os, subprocess, sys, types
 from pathlib import Path
 
 import pytest
@@ -104,9 +104,13 @@ def test_attention_matches_fallback(fast, backend):
         pytest.skip(f"{backend} does not take GQA at this shape on this GPU")
 
 
+def small_cuda_hp(**env):
+    return make_hp(MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MAMBA_HEADDIM=64, MAMBA_D_STATE=64,
+                   MAMBA_CHUNK_SIZE=256, TRAIN_SEQ_LEN=512, VOCAB_SIZE=1024, **env)
+
+
 def small_cuda_model(**env):
-    hp = make_hp(MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MAMBA_HEADDIM=64, MAMBA_D_STATE=64,
-                 MAMBA_CHUNK_SIZE=256, TRAIN_SEQ_LEN=512, VOCAB_SIZE=1024, **env)
+    hp = small_cuda_hp(**env)
     torch.manual_seed(0)
     return randomize_weights(tg.HybridGPT(hp), 1).cuda(), torch.randint(0, hp.vocab_size, (4, 513), device="cuda")
 
@@ -152,6 +156,31 @@ def test_whole_model_compiles_without_graph_breaks(fast, env):
             loss.backward()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) / losses[1] < 1e-2, looping
+
+
+def test_doc_ttt_on_the_compiled_model_kernels_vs_fallback(fast):
+    """Document TTT as a run does it: the compiled model under force_eager (a LoRA and a width per step), bf16
+    autocast, the fast kernels against the PyTorch fallbacks; a phase too. Same score within bf16's noise."""
+    need(fast, "ssd")
+    env = dict(TTT_MODE="doc", MAMBA_BRANCH_LAYERS="1", TTT_DOC_PHASES="1", TTT_DOC_PREFIX="0.5")
+    model, _ = small_cuda_model(**env)
+    hp = small_cuda_hp(**env)
+    model.bos_id, model.looping = 1, True
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.cat([t for n in (700, 150, 300, 90) * 2
+                        for t in (torch.tensor([1]), torch.randint(2, 1024, (n,), generator=g))]).to(torch.int32)
+    ctx = types.SimpleNamespace(device=torch.device("cuda"), distributed=False, rank=0, world_size=1, is_main=True)
+    luts = tuple(t.cuda() for t in (torch.ones(1024, dtype=torch.int16), torch.zeros(1024, dtype=torch.bool),
+                                    torch.ones(1024, dtype=torch.bool)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = []
+    for fast_on in (True, False):
+        tg.configure_kernels(make_hp(FAST_KERNELS=int(fast_on)), torch.device("cuda"), lambda m: None)
+        model.load_state_dict(state)
+        torch._dynamo.reset()
+        with torch.compiler.set_stance("force_eager"):
+            scores.append(tg.evaluate_doc_ttt(torch.compile(model), tokens, hp, ctx, luts, log=lambda m: None)[1])
+    assert abs(scores[0] - scores[1]) / scores[1] < 1e-2, scores
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
