@@ -112,7 +112,13 @@ for frac in (0.25, 0.5, 0.95):
           f"val_bpb {val_bpb(tg.deserialize(bits)):.4f} | {len(pruned):>9,} B error "
           f"{total_error(pruned) / base - 1:+8.1%} val_bpb {val_bpb(tg.deserialize(pruned)):.4f}")
 
-raw = lzma.decompress(blob)
+def raw_bytes(artifact):
+    """The artifact's parts (header, values, scales, floats) as serialized before compression, back to back."""
+    return b"".join(tg.decompress_part(c, payload, part) for part, chunks in tg.artifact_parts(artifact).items()
+                    for c, payload in chunks)
+
+
+raw = raw_bytes(blob)
 print(f"\n3. compressors on the {len(raw):,}-byte serialized model (order-0 entropy estimate "
       f"{int(tg.estimated_bytes(quantized)):,})")
 for name, compress in (("LZMA_FILTERS (ours)", lambda b: lzma.compress(b, format=lzma.FORMAT_XZ, filters=tg.LZMA_FILTERS)),
@@ -161,9 +167,9 @@ for sigmas in (0, 12.85):
     qd = tg.quantize_model(model, hessians, log=lambda m: None, sigmas=sigmas)
     parts = {"values": b"".join(q.numpy().astype("int8").tobytes() for k, q, s in qd.values() if k != "float"),
              "scales": b"".join(s.numpy().astype("<f2").tobytes() for k, q, s in qd.values() if k != "float"),
-             "floats": b"".join(q.numpy().astype("<f4").tobytes() for k, q, s in qd.values() if k == "float")}
+             "floats": b"".join(q.numpy().astype("<f2").tobytes() for k, q, s in qd.values() if k == "float")}
     blob_parts = tg.serialize(qd)
-    one = len(lzma.compress(lzma.decompress(blob_parts), format=lzma.FORMAT_XZ, filters=tg.LZMA_FILTERS))
+    one = len(lzma.compress(raw_bytes(blob_parts), format=lzma.FORMAT_XZ, filters=tg.LZMA_FILTERS))
     line = f"  QUANT_SIGMAS={sigmas:<5g}: one stream {one:,}, as exported (parts apart) {len(blob_parts):,};"
     for name, b in parts.items():
         best = min((raw_lzma(b, lc, lp, pb), f"lc{lc}lp{lp}pb{pb}") for lc in (0, 2, 4) for lp in (0, 1, 2)
