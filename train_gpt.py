@@ -1811,6 +1811,8 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
         p.requires_grad_(False)
     generator = torch.Generator(device=ctx.device).manual_seed(hp.seed)
     t0, every = time.time(), max(1, len(batches) // 10)
+    log(f"ttt doc: {len(docs)} documents, {len(batches)} batches of up to {rows} a rank, a step every {K} targets, "
+        f"LoRA rank {hp.ttt_doc_rank}" + (f", phases after batches {[b + 1 for b in phase_after]}" if phase_after else ""))
     model.eval()
     for bi, batch in enumerate(batches):
         opt = torch.optim.Adam(attach_doc_lora(model, len(batch), hp.ttt_doc_rank, generator), lr=hp.ttt_doc_lr)
@@ -1862,7 +1864,7 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
         p.requires_grad_(True)
     if ctx.distributed:
         dist.all_reduce(stats)
-    log(f"ttt: {len(docs)} documents in {time.time() - t0:.1f}s, chunks of {K} targets, LoRA rank {hp.ttt_doc_rank}")
+    log(f"ttt: {len(docs)} documents in {time.time() - t0:.1f}s")
     return (*stats_to_metrics(stats), per_target)
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the language model is a real, tiny HybridGPT with random weights on the CPU.
 import copy
 import math
 import random
+import re
 import signal
 import types
 
@@ -544,6 +545,18 @@ def test_doc_ttt_is_score_first_and_documents_never_see_each_other(model, luts):
     _, _, _, frozen = run_doc_ttt(model, tokens, doc_hp(TTT_DOC_LR=0), luts)
     assert not torch.allclose(frozen[lo + 9:hi + 1], before[lo + 9:hi + 1])  # it learns: later chunks score otherwise
     torch.testing.assert_close(frozen[lo + 1:lo + 9], before[lo + 1:lo + 9])  # the first chunk is scored before any step
+
+
+def test_doc_ttt_says_what_it_will_do_then_its_progress_and_time(model, luts):
+    lines = []
+    m = copy.deepcopy(model)
+    m.bos_id = BOS
+    hp = doc_hp(TTT_DOC_BATCH=1, TTT_DOC_PHASES=1, TTT_DOC_PREFIX=0.5)
+    tg.evaluate_doc_ttt(m, doc_stream([20, 9, 14, 30], seed=60), hp, CTX, luts, log=lines.append)
+    assert lines[0] == "ttt doc: 4 documents, 4 batches of up to 1 a rank, a step every 8 targets, LoRA rank 4, phases after batches [2]"
+    assert sum(line.startswith("ttt doc batch ") and " eta:" in line for line in lines) == 4
+    assert any(line.startswith("ttt doc phase after batch 2: the model trained on 2 documents") for line in lines)
+    assert re.fullmatch(r"ttt: 4 documents in \d+\.\ds", lines[-1])
 
 
 def test_doc_ttt_settings_and_inputs_are_checked(sp):
