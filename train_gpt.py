@@ -237,6 +237,9 @@ class Hyperparameters:
     def _user_set(self, name):
         return self._env.get(name) is not None
 
+    def _changed(self, name):  # set, to other than its default (a rescoring passes every value of its run)
+        return self._user_set(name) and self.resolved.get(name) != self._defaults.get(name)
+
     def _fit_layer_defaults(self):
         """With another NUM_LAYERS, a default layer list (never a user's) keeps the layers that exist, and says so."""
         for name in ("MAMBA_LAYERS", "RECUR_LAYERS"):
@@ -300,6 +303,14 @@ class Hyperparameters:
             self.logit_softcap_neg = self.resolved["LOGIT_SOFTCAP_NEG"] = self.logit_softcap_neg or self.logit_softcap
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
+        if self.is_valid("TTT_MODE"):  # a knob of the other TTT mode would be ignored: say so
+            other = [k for k in ("TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH", "TTT_DOC_PHASES",
+                                 "TTT_DOC_PREFIX", "TTT_CHUNK_TOKENS") if self._changed(k)
+                     and (k == "TTT_CHUNK_TOKENS") == (self.ttt_mode == "doc")]
+            for k in other:
+                mode = "chunk" if k == "TTT_CHUNK_TOKENS" else "doc"
+                e(f"{k}={self.resolved[k]} is read only with TTT_MODE={mode} (this run: TTT_MODE={self.ttt_mode}): "
+                  f"set TTT_MODE={mode}, or leave {k} unset")
         if self.is_valid("TTT_ENABLED", "EVAL_STRIDE") and self.ttt_enabled and self.eval_stride == 0:
             e("TTT_ENABLED=1 scores through sliding windows: set EVAL_STRIDE > 0 (e.g. 64), or TTT_ENABLED=0")
         if not self.smoke and self.is_valid("VOCAB_SIZE"):  # SMOKE makes its own tokenizer and data

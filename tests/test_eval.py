@@ -492,7 +492,11 @@ def test_document_targets_cover_every_target_once():
 
 
 def doc_hp(**env):
-    return make_hp(**dict(dict(TTT_MODE="doc", TTT_DOC_CHUNK=8, TTT_DOC_RANK=4, TTT_DOC_BATCH=3), **env))
+    """ENV for document TTT (less the chunk mode's TTT_CHUNK_TOKENS, which doc mode would refuse)."""
+    base = {k: v for k, v in ENV.items() if k != "TTT_CHUNK_TOKENS"}
+    base.update(TTT_MODE="doc", TTT_DOC_CHUNK="8", TTT_DOC_RANK="4", TTT_DOC_BATCH="3")
+    base.update({k: str(v) for k, v in env.items()})
+    return tg.Hyperparameters(base)
 
 
 def run_doc_ttt(model, tokens, hp, luts):

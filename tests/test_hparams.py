@@ -73,6 +73,9 @@ def test_default_dry_run_prints_layer_map_and_counts():
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be at most TRAIN_SEQ_LEN=2048"),
     ({"EVAL_STRIDE": "2048", "EVAL_SEQ_LEN": "1024"}, "EVAL_STRIDE=2048 must be at most EVAL_SEQ_LEN=1024: try EVAL_STRIDE=64"),
     ({"EVAL_SEQ_LEN": "4"}, "EVAL_SEQ_LEN=4: expected 0 (TRAIN_SEQ_LEN) or a length in [8, 65536]"),
+    ({"TTT_DOC_LR": "0.001"}, "TTT_DOC_LR=0.001 is read only with TTT_MODE=doc (this run: TTT_MODE=chunk): set "
+                              "TTT_MODE=doc, or leave TTT_DOC_LR unset"),
+    ({"TTT_MODE": "doc", "TTT_CHUNK_TOKENS": "4096"}, "TTT_CHUNK_TOKENS=4096 is read only with TTT_MODE=chunk"),
     ({"EVAL_STRIDE": "0"}, "TTT_ENABLED=1 scores through sliding windows"),
     ({"REQUIRE_FAST_KERNELS": "1", "FAST_KERNELS": "0"}, "REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1"),
     ({"QUANT_MIN_BITS": "3"}, "QUANT_MIN_BITS=3: expected an integer in [4, 6]"),
@@ -103,6 +106,11 @@ def test_all_errors_reported_together():
     with pytest.raises(tg.ConfigError) as e:
         tg.Hyperparameters({"SEED": "-1", "ITERATIONS": "x"})
     assert "SEED=-1" in str(e.value) and "ITERATIONS='x'" in str(e.value)
+
+
+def test_a_knob_of_the_other_ttt_mode_is_an_error_unless_it_holds_its_default():
+    tg.Hyperparameters({"TTT_DOC_LR": "0.0003", "TTT_CHUNK_TOKENS": "32768"})  # defaults: as a rescoring passes them
+    tg.Hyperparameters({"TTT_MODE": "doc", "TTT_DOC_LR": "0.001", "TTT_LR": "0.001"})  # TTT_LR: the phases' SGD
 
 
 def test_eval_seq_len_follows_train_seq_len_unless_set():
