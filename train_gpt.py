@@ -169,6 +169,7 @@ class Hyperparameters:
         self.ttt_doc_lr = self._float("TTT_DOC_LR", 3e-4, 0.0, 10.0)
         self.ttt_doc_rank = self._int("TTT_DOC_RANK", 32, 1, 1024)
         self.ttt_doc_batch = self._int("TTT_DOC_BATCH", 64, 1, 65536)  # documents adapted side by side, per rank
+        self.ttt_doc_ssm = self._flag("TTT_DOC_SSM", 0)  # 1: each Mamba-2's dt bias adapts per document too
         # phased doc TTT: after each of TTT_DOC_PHASES equal parts of the first TTT_DOC_PREFIX of the documents, the
         # whole model trains (TTT_LR, _MOMENTUM, _EPOCHS) on every document scored so far; 0 phases: none
         self.ttt_doc_phases = self._int("TTT_DOC_PHASES", 0, 0, 100)
@@ -304,8 +305,8 @@ class Hyperparameters:
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
         if self.is_valid("TTT_MODE"):  # a knob of the other TTT mode would be ignored: say so
-            other = [k for k in ("TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH", "TTT_DOC_PHASES",
-                                 "TTT_DOC_PREFIX", "TTT_CHUNK_TOKENS") if self._changed(k)
+            other = [k for k in ("TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH", "TTT_DOC_SSM",
+                                 "TTT_DOC_PHASES", "TTT_DOC_PREFIX", "TTT_CHUNK_TOKENS") if self._changed(k)
                      and (k == "TTT_CHUNK_TOKENS") == (self.ttt_mode == "doc")]
             for k in other:
                 mode = "chunk" if k == "TTT_CHUNK_TOKENS" else "doc"
@@ -819,6 +820,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = CastedLinear(self.d_inner, dim, zero_init=True)
+        self.dt_delta = None  # document TTT with TTT_DOC_SSM: a (rows, nheads) shift of dt_bias, one per batch row
 
     def forward(self, u):
         b, L, _ = u.shape
@@ -826,7 +828,7 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         x, B, C = causal_conv1d(xBC, self.conv_weight, self.conv_bias).split([self.d_inner, gn, gn], dim=-1)
         x = x.reshape(b, L, self.nheads, self.headdim)
-        dt = F.softplus(dt.float() + self.dt_bias)
+        dt = F.softplus(dt.float() + self.dt_bias + (0 if self.dt_delta is None else self.dt_delta[:, None]))
         y = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B.view(b, L, self.ngroups, -1),
                      C.view(b, L, self.ngroups, -1), self.chunk_size)
         y = (y + x * self.D.to(x.dtype)[:, None]).reshape(b, L, self.d_inner)
@@ -1780,10 +1782,15 @@ def document_targets(tokens, bos_id):
     bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [n]
     return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
-def attach_doc_lora(model, rows, rank, generator):
+def attach_doc_lora(model, rows, rank, generator, ssm=False):
     """A fresh LoRA on every linear map of the blocks and on the output head, one per batch row: A random, B zero,
-    so the model starts as it is. -> the factors (what document TTT adapts; the model's own weights stay)."""
+    so the model starts as it is; with ssm, a zero shift of each Mamba-2's dt bias too (its memory lengths).
+    -> the factors (what document TTT adapts; the model's own weights stay)."""
     factors = []
+    for m in model.blocks.modules():
+        if isinstance(m, Mamba2) and ssm:
+            m.dt_delta = torch.zeros(rows, m.nheads, device=generator.device, requires_grad=True)
+            factors.append(m.dt_delta)
 
     def new(out_features, in_features):
         dev = generator.device
@@ -1800,6 +1807,8 @@ def detach_doc_lora(model):
     for m in model.modules():
         if isinstance(m, CastedLinear):
             m.lora = None
+        elif isinstance(m, Mamba2):
+            m.dt_delta = None
     model.head_lora = None
 
 def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
@@ -1826,7 +1835,8 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
         f"LoRA rank {hp.ttt_doc_rank}" + (f", phases after batches {[b + 1 for b in phase_after]}" if phase_after else ""))
     model.eval()
     for bi, batch in enumerate(batches):
-        opt = torch.optim.Adam(attach_doc_lora(model, len(batch), hp.ttt_doc_rank, generator), lr=hp.ttt_doc_lr)
+        opt = torch.optim.Adam(attach_doc_lora(model, len(batch), hp.ttt_doc_rank, generator, hp.ttt_doc_ssm),
+                               lr=hp.ttt_doc_lr)
         chunks = [math.ceil((hi - lo) / K) for lo, hi in batch]
         for c in range(max(chunks)):
             # row i scores targets lo+cK+1..t from the window tokens[w:t], w >= lo (finished rows: nothing)

@@ -551,6 +551,23 @@ def test_doc_ttt_is_score_first_and_documents_never_see_each_other(model, luts):
     torch.testing.assert_close(frozen[lo + 1:lo + 9], before[lo + 1:lo + 9])  # the first chunk is scored before any step
 
 
+def test_doc_ttt_ssm_also_shifts_each_mamba2_dt_bias_per_document(model, luts):
+    """TTT_DOC_SSM=1: a per-document shift of every Mamba-2's dt bias adapts beside the LoRA. It starts at zero (the
+    first chunk of each document scores as without it), then changes later scores; it is gone afterwards."""
+    assert any(isinstance(m, tg.Mamba2) for m in model.modules())
+    tokens = doc_stream([30, 25], seed=70)
+    _, _, _, plain = run_doc_ttt(model, tokens, doc_hp(TTT_DOC_LR=0.05), luts)
+    m, _, _, ssm = run_doc_ttt(model, tokens, doc_hp(TTT_DOC_LR=0.05, TTT_DOC_SSM=1), luts)
+    for lo, hi in tg.document_targets(tokens, BOS):
+        torch.testing.assert_close(ssm[lo + 1:lo + 9], plain[lo + 1:lo + 9])
+        assert not torch.allclose(ssm[lo + 9:hi + 1], plain[lo + 9:hi + 1])
+    assert all(x.dt_delta is None for x in m.modules() if isinstance(x, tg.Mamba2))
+    factors = tg.attach_doc_lora(m, 3, 4, torch.Generator().manual_seed(0), ssm=True)
+    for x in (x for x in m.modules() if isinstance(x, tg.Mamba2)):  # a zero shift per row and head, adapted
+        assert x.dt_delta.shape == (3, x.nheads) and not x.dt_delta.any() and any(x.dt_delta is f for f in factors)
+    tg.detach_doc_lora(m)
+
+
 def test_doc_ttt_says_what_it_will_do_then_its_progress_and_time(model, luts):
     lines = []
     m = copy.deepcopy(model)

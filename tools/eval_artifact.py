@@ -22,7 +22,7 @@ import train_gpt as tg  # noqa: E402
 
 EVALUATION_KNOBS = ("EVAL_SEQ_LEN", "EVAL_STRIDE", "VAL_BATCH_SIZE", "TTT_ENABLED", "TTT_MODE", "TTT_LR", "TTT_EPOCHS",
                     "TTT_CHUNK_TOKENS", "TTT_MOMENTUM", "TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH",
-                    "TTT_DOC_PHASES", "TTT_DOC_PREFIX",
+                    "TTT_DOC_SSM", "TTT_DOC_PHASES", "TTT_DOC_PREFIX",
                     "COMPILE", "FAST_KERNELS", "REQUIRE_FAST_KERNELS", "DATA_PATH", "TOKENIZER_PATH")
 
 
