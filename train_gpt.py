@@ -503,9 +503,9 @@ def data_problems(hp):
 
 def validation_problems(hp, val_tokens, bos_id):
     """What only the validation tokens themselves show (read before the model is built), one line a problem."""
-    problems, where = [], f"DATA_PATH={hp.data_path}"
-    if int(val_tokens.max()) >= hp.vocab_size:
-        problems.append(f"{where}: the validation shards hold token id {int(val_tokens.max())} >= VOCAB_SIZE="
+    problems, where, top = [], f"DATA_PATH={hp.data_path}", int(val_tokens.max())
+    if top >= hp.vocab_size:
+        problems.append(f"{where}: the validation shards hold token id {top} >= VOCAB_SIZE="
                         f"{hp.vocab_size}: the shards are for another tokenizer; use the one they were made with, and its VOCAB_SIZE")
     if hp.ttt_enabled and hp.ttt_mode == "doc" and not bool((val_tokens == bos_id).any()):
         problems.append(f"TTT_MODE=doc: the validation shards in {where} hold no BOS token (id {bos_id}) to split "
@@ -740,6 +740,11 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_
     y = y.reshape(b, T, H, P)[:, :L].to(out_dtype)
     return (y, final_state) if return_final_state else y
 
+def lora_delta(x, lora):
+    """Document TTT's low-rank delta, one per batch row: x (rows, L, in) @ A^T @ B^T, A (rows, r, in), B (rows, out, r)."""
+    a, b = lora
+    return (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
+
 class CastedLinear(nn.Linear):
     """Weights stay fp32 for the optimizer; matmuls run in the activations' dtype."""
 
@@ -751,10 +756,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight.to(x.dtype))
-        if self.lora is not None:  # document TTT: (A, B) of shapes (rows, r, in), (rows, out, r), one per batch row
-            a, b = self.lora
-            y = y + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
-        return y
+        return y if self.lora is None else y + lora_delta(x, self.lora)
 
 class Rotary(nn.Module):
     """RoPE on the first `dims` of each head (all of them by default); the rest carry position-free content."""
@@ -976,8 +978,7 @@ class HybridGPT(nn.Module):
         x = self.hidden(ids)
         logits = F.linear(x, (self.tok_emb.weight if self.lm_head is None else self.lm_head.weight).to(x.dtype))
         if self.head_lora is not None:
-            a, b = self.head_lora
-            logits = logits + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
+            logits = logits + lora_delta(x, self.head_lora)
         if self.softcap > 0:
             cap = self.softcap if self.softcap_neg == self.softcap else torch.where(logits > 0, self.softcap, self.softcap_neg)
             logits = cap * torch.tanh(logits / cap)
@@ -1786,20 +1787,18 @@ def attach_doc_lora(model, rows, rank, generator, ssm=False):
     """A fresh LoRA on every linear map of the blocks and on the output head, one per batch row: A random, B zero,
     so the model starts as it is; with ssm, a zero shift of each Mamba-2's dt bias too (its memory lengths).
     -> the factors (what document TTT adapts; the model's own weights stay)."""
-    factors = []
-    for m in model.blocks.modules():
-        if isinstance(m, Mamba2) and ssm:
-            m.dt_delta = torch.zeros(rows, m.nheads, device=generator.device, requires_grad=True)
-            factors.append(m.dt_delta)
+    factors, dev = [], generator.device
 
     def new(out_features, in_features):
-        dev = generator.device
         a = torch.randn(rows, rank, in_features, generator=generator, device=dev) / math.sqrt(in_features)
         factors.extend([a.requires_grad_(), torch.zeros(rows, out_features, rank, device=dev, requires_grad=True)])
         return factors[-2:]
     for m in model.blocks.modules():
         if isinstance(m, CastedLinear):
             m.lora = new(*m.weight.shape)
+        elif isinstance(m, Mamba2) and ssm:
+            m.dt_delta = torch.zeros(rows, m.nheads, device=dev, requires_grad=True)
+            factors.append(m.dt_delta)
     model.head_lora = new(*(model.tok_emb.weight if model.lm_head is None else model.lm_head.weight).shape)
     return factors
 
@@ -1827,8 +1826,11 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     per_target = torch.zeros(tokens.numel())
     frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
+
+    def trainable(flag):  # the model's own weights: frozen while LoRAs adapt, trained in a phase
+        for p in frozen:
+            p.requires_grad_(flag)
+    trainable(False)
     generator = torch.Generator(device=ctx.device).manual_seed(hp.seed)
     t0, every = time.time(), max(1, len(batches) // 10)
     log(f"ttt doc: {len(docs)} documents, {len(batches)} batches of up to {rows} a rank, a step every {K} targets, "
@@ -1862,9 +1864,9 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
                 opt.zero_grad(set_to_none=True)
         if bi in phase_after:  # only documents whose every target is scored: this batch's and those before
             detach_doc_lora(model)
-            for p in frozen:
-                p.requires_grad_(True)
-            spans = [(w, min(w + E, hi)) for lo, hi in mine[:(bi + 1) * rows] for w in range(lo, hi, E)]
+            trainable(True)
+            scored_docs = mine[:(bi + 1) * rows]
+            spans = [(w, min(w + E, hi)) for lo, hi in scored_docs for w in range(lo, hi, E)]
             steps = torch.tensor([math.ceil(len(spans) / rows)], device=ctx.device)
             if ctx.distributed:
                 dist.all_reduce(steps, op=dist.ReduceOp.MAX)
@@ -1872,17 +1874,15 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
             sgd_on_spans(model, tokens, spans, torch.optim.SGD(frozen, lr=hp.ttt_lr, momentum=hp.ttt_momentum),
                          hp.ttt_epochs, rows, int(steps), ctx)
             model.eval()
-            for p in frozen:
-                p.requires_grad_(False)
-            log(f"ttt doc phase after batch {bi + 1}: the model trained on {len(mine[:(bi + 1) * rows])} documents a rank "
+            trainable(False)
+            log(f"ttt doc phase after batch {bi + 1}: the model trained on {len(scored_docs)} documents a rank "
                 f"({time.time() - t_phase:.1f}s)")
         if ctx.is_main and (bi + 1) % every == 0:
             el = time.time() - t0
             log(f"ttt doc batch {bi + 1}/{len(batches)} running_bpb:{stats_to_metrics(stats)[1]:.4f} "
                 f"elapsed:{el:.0f}s eta:{el / (bi + 1) * (len(batches) - bi - 1):.0f}s")
     detach_doc_lora(model)
-    for p in frozen:
-        p.requires_grad_(True)
+    trainable(True)
     if ctx.distributed:
         dist.all_reduce(stats)
     log(f"ttt: {len(docs)} documents in {time.time() - t0:.1f}s")

@@ -66,7 +66,8 @@ def main():
     env, problems = run_settings(run_id, settings)
     if env is not None:
         hp = tg.Hyperparameters(env, raise_errors=False)
-        problems += hp.problems() + (tg.data_problems(hp) if not hp.problems() else [])
+        own = hp.problems()
+        problems += own + ([] if own else tg.data_problems(hp))
     tg.stop_on_problems(problems, quiet)
     ctx = tg.Context()
     log = print if ctx.is_main else (lambda msg: None)
