@@ -1824,7 +1824,7 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
     phase_after = sorted({math.ceil(prefix * (p + 1) / hp.ttt_doc_phases / rows) - 1 for p in range(hp.ttt_doc_phases)}
                          if prefix else set())
     stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    per_target = torch.zeros(tokens.numel())
+    per_target = torch.zeros(tokens.numel(), device=ctx.device)  # on the device: no host sync a step
     frozen = [p for p in model.parameters() if p.requires_grad]
 
     def trainable(flag):  # the model's own weights: frozen while LoRAs adapt, trained in a phase
@@ -1855,8 +1855,8 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
                 loss = model(x, y)
             stats += torch.stack([loss.detach()[scored].double().sum(), scored.sum().double(),
                                   target_bytes(x[scored], y[scored], luts).sum()])
-            targets = torch.tensor([w + 1 for w, _, _ in spans])[:, None] + torch.arange(width)
-            per_target[targets[scored.cpu()]] = loss.detach()[scored].float().cpu()
+            targets = (torch.tensor([w + 1 for w, _, _ in spans])[:, None] + torch.arange(width)).to(ctx.device)
+            per_target[targets[scored]] = loss.detach()[scored].float()
             adapt = scored & torch.tensor([c < n - 1 for n in chunks], device=ctx.device)[:, None]
             if adapt.any():  # each row's factors get only its own document's gradient
                 (loss[adapt].sum() / adapt.sum()).backward()
@@ -1886,7 +1886,7 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
     if ctx.distributed:
         dist.all_reduce(stats)
     log(f"ttt: {len(docs)} documents in {time.time() - t0:.1f}s")
-    return (*stats_to_metrics(stats), per_target)
+    return (*stats_to_metrics(stats), per_target.cpu())
 
 # ----------------------------------------------------------------------------------------------
 # MAIN
