@@ -8,6 +8,9 @@
 #   BENCH_ARGS="--what ssd,attn" bash tools/gpu_check.sh
 set -uo pipefail
 [ -f .bench/gpu_env.sh ] && source .bench/gpu_env.sh
+# wheels carried in .whl (e.g. causal-conv1d built elsewhere: docs/kernels.md); python3's own pip, since a
+# plain `pip` on the device image belongs to another Python
+for wheel in .whl/*.whl; do [ -f "$wheel" ] && python3 -m pip install -q --no-deps --no-index "$wheel"; done
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
