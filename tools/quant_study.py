@@ -7,7 +7,9 @@ reports (1) Hessian-weighted error of GPTQ with full-range vs clipped scales at 
 (QUANT_SIGMAS, QUANT_EMBED_SIGMAS: bytes against val_bpb), (6) the tied embedding by round to nearest
 or by GPTQ on the output head's Hessian, and (7) the artifact as one LZMA stream against its parts
 (values, scales, float tensors) compressed apart (as exported), and each part by LZMA with the best
-settings or by Brotli (if the brotli package imports), and (8) LQER's rank-4 error correction.
+settings or by Brotli (if the brotli package imports), (8) LQER's rank-4 error correction, and (9) the Mamba-2
+in_proj by role (z, x, B, C, dt rows): each role's share of the Hessian-weighted error, its values' entropy, and
+val_bpb with only that role quantized, or with it kept in float while the rest is quantized.
 usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
 import argparse, bz2, lzma, sys, tempfile, types, zlib
 from pathlib import Path
@@ -194,3 +196,42 @@ for fro, n, before, after, share in lq[:3]:
     print(f"  {n}: rank-4 share of |E|^2 {share:.1%}, Hessian-weighted error {after / before - 1:+.1%}")
 print(f"  over all {len(lq)} matrices: {-sum(b - a for _, _, b, a, _ in lq[:3]) / sum(b for _, _, b, _, _ in lq):+.2%}")
 
+
+print("\n9. Mamba-2 in_proj by role, at the export's grids (QUANT_SIGMAS, GPTQ): error share, bits a value, val_bpb")
+qd = tg.quantize_model(model, hessians, log=lambda m: None, sigmas=hp.quant_sigmas, embed_sigmas=hp.quant_embed_sigmas)
+deq = tg.deserialize(tg.serialize(qd))
+float_bpb, all_bpb = val_bpb(state), val_bpb(deq)
+mixers = {f"blocks.{i}.mixer.in_proj.weight": b.mixer for i, b in enumerate(model.blocks) if model.is_mamba[i]}
+m = next(iter(mixers.values()))
+gn = m.ngroups * m.d_state
+widths = {"z": m.d_inner, "x": m.d_inner, "B": gn, "C": gn, "dt": m.nheads}
+rows, start = {}, 0
+for role, w in widths.items():
+    rows[role], start = slice(start, start + w), start + w
+
+
+def with_rows(base, source, role):
+    """base's weights with the in_proj rows of this role (every Mamba block) taken from source."""
+    out = dict(base)
+    for n in mixers:
+        out[n] = base[n].clone()
+        out[n][rows[role]] = source[n][rows[role]]
+    return out
+
+
+def entropy_bits(q):
+    counts = torch.unique(q.flatten(), return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+print(f"  {len(mixers)} Mamba-2 blocks; float val_bpb {float_bpb:.4f}, whole model quantized {all_bpb - float_bpb:+.5f}")
+errs = {n: tg.hessian_row_errors(state[n].float() - deq[n], hessians[n]) for n in mixers}
+total = sum(float(e.sum()) for e in errs.values())
+for role, r in rows.items():
+    share = sum(float(e[r].sum()) for e in errs.values()) / total
+    bits = entropy_bits(torch.cat([qd[n][1][r].flatten() for n in mixers]))
+    only = val_bpb(with_rows(state, deq, role)) - float_bpb
+    kept = val_bpb(with_rows(deq, state, role)) - float_bpb
+    print(f"  {role:>2}: {r.stop - r.start:4d} rows a block, {share:6.1%} of in_proj's error (rows {(r.stop - r.start) / start:5.1%}), "
+          f"{bits:.2f} bits a value; only it quantized {only:+.5f}, it kept float {kept:+.5f}")
