@@ -226,6 +226,14 @@ def entropy_bits(q):
 
 
 print(f"  {len(mixers)} Mamba-2 blocks; float val_bpb {float_bpb:.4f}, whole model quantized {all_bpb - float_bpb:+.5f}")
+groups = {"Mamba-2 in_proj": lambda n: ".mixer.in_proj." in n, "Mamba-2 out_proj": lambda n: ".mixer.out_proj." in n,
+          "attention": lambda n: any(f".mixer.{w}." in n for w in ("q", "k", "v", "proj")),
+          "MLP": lambda n: ".mlp." in n, "embeddings": lambda n: "emb" in n}
+for group, member in groups.items():  # which weights the quantization error comes from: each group alone quantized
+    own = [n for n, (k, _, _) in qd.items() if k != "float" and member(n)]
+    if own:
+        part = val_bpb({**state, **{n: deq[n] for n in own}}) - float_bpb
+        print(f"  only the {group} quantized ({len(own)} tensors, {sum(state[n].numel() for n in own):,} values): {part:+.5f}")
 errs = {n: tg.hessian_row_errors(state[n].float() - deq[n], hessians[n]) for n in mixers}
 total = sum(float(e.sum()) for e in errs.values())
 for role, r in rows.items():
