@@ -7,9 +7,10 @@ reports (1) Hessian-weighted error of GPTQ with full-range vs clipped scales at 
 (QUANT_SIGMAS, QUANT_EMBED_SIGMAS: bytes against val_bpb), (6) the tied embedding by round to nearest
 or by GPTQ on the output head's Hessian, and (7) the artifact as one LZMA stream against its parts
 (values, scales, float tensors) compressed apart (as exported), and each part by LZMA with the best
-settings or by Brotli (if the brotli package imports), (8) LQER's rank-4 error correction, and (9) the Mamba-2
-in_proj by role (z, x, B, C, dt rows): each role's share of the Hessian-weighted error, its values' entropy, and
-val_bpb with only that role quantized, or with it kept in float while the rest is quantized.
+settings or by Brotli (if the brotli package imports), (8) LQER's rank-4 error correction, and (9) val_bpb
+with each group of weights (Mamba-2 in_proj, out_proj, attention, MLP, tables) alone quantized, and the Mamba-2
+in_proj by role (z, x, B, C, dt rows): each role's share of the Hessian-weighted error, its values' entropy,
+and val_bpb with only that role quantized, or with it kept in float while the rest is quantized.
 usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
 import argparse, bz2, lzma, sys, tempfile, types, zlib
 from pathlib import Path
@@ -197,7 +198,8 @@ for fro, n, before, after, share in lq[:3]:
 print(f"  over all {len(lq)} matrices: {-sum(b - a for _, _, b, a, _ in lq[:3]) / sum(b for _, _, b, _, _ in lq):+.2%}")
 
 
-print("\n9. Mamba-2 in_proj by role, at the export's grids (QUANT_SIGMAS, GPTQ): error share, bits a value, val_bpb")
+print("\n9. at the export's grids (QUANT_SIGMAS, GPTQ): val_bpb with each group of weights alone quantized; the Mamba-2"
+      " in_proj by role: error share, bits a value, val_bpb")
 qd = tg.quantize_model(model, hessians, log=lambda m: None, sigmas=hp.quant_sigmas, embed_sigmas=hp.quant_embed_sigmas)
 deq = tg.deserialize(tg.serialize(qd))
 float_bpb, all_bpb = val_bpb(state), val_bpb(deq)
@@ -219,12 +221,6 @@ def with_rows(base, source, role):
     return out
 
 
-def entropy_bits(q):
-    counts = torch.unique(q.flatten(), return_counts=True)[1].double()
-    p = counts / counts.sum()
-    return float(-(p * p.log2()).sum())
-
-
 print(f"  {len(mixers)} Mamba-2 blocks; float val_bpb {float_bpb:.4f}, whole model quantized {all_bpb - float_bpb:+.5f}")
 groups = {"Mamba-2 in_proj": lambda n: ".mixer.in_proj." in n, "Mamba-2 out_proj": lambda n: ".mixer.out_proj." in n,
           "attention": lambda n: any(f".mixer.{w}." in n for w in ("q", "k", "v", "proj")),
@@ -238,7 +234,8 @@ errs = {n: tg.hessian_row_errors(state[n].float() - deq[n], hessians[n]) for n i
 total = sum(float(e.sum()) for e in errs.values())
 for role, r in rows.items():
     share = sum(float(e[r].sum()) for e in errs.values()) / total
-    bits = entropy_bits(torch.cat([qd[n][1][r].flatten() for n in mixers]))
+    values = torch.cat([qd[n][1][r].flatten() for n in mixers])
+    bits = 8 * tg.entropy_bytes(values) / values.numel()
     only = val_bpb(with_rows(state, deq, role)) - float_bpb
     kept = val_bpb(with_rows(deq, state, role)) - float_bpb
     print(f"  {role:>2}: {r.stop - r.start:4d} rows a block, {share:6.1%} of in_proj's error (rows {(r.stop - r.start) / start:5.1%}), "
