@@ -202,7 +202,7 @@ print("\n9. at the export's grids (QUANT_SIGMAS, GPTQ): val_bpb with each group 
       " in_proj by role: error share, bits a value, val_bpb")
 qd = tg.quantize_model(model, hessians, log=lambda m: None, sigmas=hp.quant_sigmas, embed_sigmas=hp.quant_embed_sigmas)
 deq = tg.deserialize(tg.serialize(qd))
-float_bpb, all_bpb = val_bpb(state), val_bpb(deq)
+all_bpb = val_bpb(deq)  # float_bpb: section 5's
 mixers = {f"blocks.{i}.mixer.in_proj.weight": b.mixer for i, b in enumerate(model.blocks) if model.is_mamba[i]}
 m = next(iter(mixers.values()))
 gn = m.ngroups * m.d_state
