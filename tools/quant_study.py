@@ -73,7 +73,8 @@ blob = tg.serialize(quantized)
 floor = len(tg.serialize({n: (k, q.masked_fill(q.abs() == 1, 0) if k == "int6" else q, s)
                           for n, (k, q, s) in quantized.items()}))
 print(f"\n2. fitting a tighter cap: {len(blob):,} model bytes; pruning every +-1 gives {floor:,}")
-print(f"  float val_bpb {val_bpb(state):.4f}; int6 artifact val_bpb {val_bpb(tg.deserialize(blob)):.4f}")
+float_bpb = val_bpb(state)
+print(f"  float val_bpb {float_bpb:.4f}; int6 artifact val_bpb {val_bpb(tg.deserialize(blob)):.4f}")
 print(f"  {'limit':>9} | {'lower bit widths':>42} | {'prune +-1':>42}")
 
 
@@ -138,7 +139,6 @@ for bits, qmax in (("int8", 127), ("int7", 63), ("int6", 31)):
     print(f"  {bits}: {len(b):,} model bytes, val_bpb {val_bpb(tg.deserialize(b)):.4f}")
 
 print("\n5. grid steps (QUANT_SIGMAS for the int6 matrices, GPTQ; QUANT_EMBED_SIGMAS for the int8 tables, RTN)")
-float_bpb = val_bpb(state)
 for sigmas, embed_sigmas in ((0, 0), (6, 0), (12.85, 0), (19.3, 0), (0, 20), (12.85, 20)):
     b = tg.serialize(tg.quantize_model(model, hessians, log=lambda m: None, sigmas=sigmas, embed_sigmas=embed_sigmas))
     print(f"  QUANT_SIGMAS={sigmas:<5g} QUANT_EMBED_SIGMAS={embed_sigmas:<3g}: {len(b):,} model bytes "
@@ -202,7 +202,7 @@ print("\n9. at the export's grids (QUANT_SIGMAS, GPTQ): val_bpb with each group 
       " in_proj by role: error share, bits a value, val_bpb")
 qd = tg.quantize_model(model, hessians, log=lambda m: None, sigmas=hp.quant_sigmas, embed_sigmas=hp.quant_embed_sigmas)
 deq = tg.deserialize(tg.serialize(qd))
-all_bpb = val_bpb(deq)  # float_bpb: section 5's
+all_bpb = val_bpb(deq)  # float_bpb: section 2's
 mixers = {f"blocks.{i}.mixer.in_proj.weight": b.mixer for i, b in enumerate(model.blocks) if model.is_mamba[i]}
 m = next(iter(mixers.values()))
 gn = m.ngroups * m.d_state
