@@ -611,12 +611,21 @@ def causal_conv1d(x, weight, bias):
                                         activation="silu").transpose(1, 2)
     return causal_conv1d_torch(x, weight, bias)
 
-def segment_sums(a):
-    """a: (..., T) -> (..., T, T) with [t, s] = a[s+1] + ... + a[t] for t >= s, and -inf above the diagonal."""
-    T = a.size(-1)
-    cum = torch.cumsum(a, dim=-1)
+# torch.cumsum over the last dim as an opaque op. Inductor's split scan (129+ elements, few rows) fails to
+# compile an input with a broadcast in it, as dt * A has, before torch 2.12 (pytorch/pytorch#180221)
+@torch.library.custom_op("pgolf::cumsum_last", mutates_args=())
+def cumsum_last(x: Tensor) -> Tensor:
+    return torch.cumsum(x.contiguous(), dim=-1)  # contiguous out, whatever the input's strides: as the fake says
+
+cumsum_last.register_fake(lambda x: x.new_empty(x.shape))
+cumsum_last.register_autograd(lambda ctx, grad: cumsum_last(grad.flip(-1)).flip(-1))
+
+def segment_sums(cum):
+    """cum: (..., T) running sums of a -> (..., T, T) with [t, s] = cum[t] - cum[s] = a[s+1] + ... + a[t]
+    for t >= s, and -inf above the diagonal."""
+    T = cum.size(-1)
     diff = cum[..., :, None] - cum[..., None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=cum.device).tril()
     return diff.masked_fill(~causal, float("-inf"))
 
 # Each call site's implementation, chosen once by configure_kernels(); None means the PyTorch path
@@ -721,9 +730,9 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_
     C = C.repeat_interleave(H // G, dim=2).view(b, c, chunk_size, H, N)
     xdt = (x * dt[..., None]).view(b, c, chunk_size, H, P)
     log_decay = (dt * A.to(work)).view(b, c, chunk_size, H).permute(0, 3, 1, 2)  # (b, H, c, l)
-    cum = torch.cumsum(log_decay, dim=-1)
+    cum = cumsum_last(log_decay)
     # 1. within each chunk: y_t = sum_{s<=t} C_t.B_s exp(cum_t - cum_s) x_s dt_s
-    decay_in = torch.exp(segment_sums(log_decay))                                 # (b, H, c, l, l)
+    decay_in = torch.exp(segment_sums(cum))                                       # (b, H, c, l, l)
     y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay_in, xdt)
     # 2. each chunk's own contribution to the state at its end
     decay_to_end = torch.exp(cum[..., -1:] - cum)                                 # (b, H, c, l)
@@ -732,7 +741,7 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_
     if initial_state is None:
         initial_state = torch.zeros(b, H, P, N, dtype=work, device=x.device)
     states = torch.cat([initial_state.to(work)[:, None], chunk_states], dim=1)  # (b, c+1, H, P, N)
-    chunk_decay = torch.exp(segment_sums(F.pad(cum[..., -1], (1, 0))))           # (b, H, c+1, c+1)
+    chunk_decay = torch.exp(segment_sums(cumsum_last(F.pad(cum[..., -1], (1, 0)))))  # (b, H, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     entering, final_state = states[:, :-1], states[:, -1]
     # 4. the entering state's contribution to each position

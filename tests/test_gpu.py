@@ -73,6 +73,23 @@ def test_ssd_kernel_matches_fallback(fast, dtype, tol, L, chunk, G):
             (x, dt, A, B, C), tol)
 
 
+def test_compiled_pytorch_ssd_at_the_training_shape():
+    """The fallback scan compiled (fullgraph) at chunk 256 with few rows, dt + bias broadcast inside: the case
+    where inductor's split scan failed to compile a plain cumsum (pytorch/pytorch#180221), against eager."""
+    torch.manual_seed(0)
+    b, L, H, P, N = 2, 2048, 8, 64, 32
+    x = torch.randn(b, L, H, P, device="cuda", requires_grad=True)
+    dt, bias = torch.randn(b, L, H, device="cuda", requires_grad=True), torch.randn(H, device="cuda", requires_grad=True)
+    A = (-torch.rand(H, device="cuda") * 4 - 0.5).requires_grad_()
+    B, C = (torch.randn(b, L, 1, N, device="cuda", requires_grad=True) for _ in range(2))
+
+    def scan(x, dt, bias, A, B, C):
+        return tg.ssd_scan_torch(x, F.softplus(dt - 3 + bias), A, B, C, 256)
+
+    torch._dynamo.reset()
+    compare(torch.compile(scan, fullgraph=True), scan, (x, dt, bias, A, B, C), 1e-4)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
 def test_conv_kernel_matches_fallback(fast, dtype, tol):
     need(fast, "causal_conv1d")
