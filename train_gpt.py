@@ -66,8 +66,7 @@ class Hyperparameters:
         self.allow_cpu = self._flag("ALLOW_CPU", 0)  # 1: train without CUDA anyway (else only SMOKE, DRY_RUN)
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
-        # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training (wall clock or steps)
-        self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.72, 0.0, 1.0)
+        self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.72, 0.0, 1.0)  # the LR's linear fall to MIN_LR x peak
         self.min_lr = self._float("MIN_LR", 0.0, 0.0, 1.0)
         self.warmup_steps = self._int("WARMUP_STEPS", 20, 0, 1000)  # compile warm-up, then weights reset
         self.lr_warmup_steps = self._int("LR_WARMUP_STEPS", 0, 0, 10**6)
@@ -88,22 +87,18 @@ class Hyperparameters:
         self.rope_base = self._float("ROPE_BASE", 10000.0, 1.0, 1e9)
         self.rope_dims = self._int("ROPE_DIMS", 16, 0, 1024)  # rotated dims per head (partial RoPE); 0: all
         self.attn_xsa = self._flag("ATTN_XSA", 1)  # 1: remove each output's component along its own value
-        # 1: each head's output times sigmoid(0.5 w_h . x[:12]), x the block's normalized input (sparse output gate)
-        self.attn_gate = self._flag("ATTN_GATE", 0)
+        self.attn_gate = self._flag("ATTN_GATE", 0)  # 1: each head's output times sigmoid(0.5 w_h . x[:12])
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
-        # the cap of the negative logits, where it differs (the later records' asymmetric softcap); 0: LOGIT_SOFTCAP
-        self.logit_softcap_neg = self._float("LOGIT_SOFTCAP_NEG", 0.0, 0.0, 1e4)
+        self.logit_softcap_neg = self._float("LOGIT_SOFTCAP_NEG", 0.0, 0.0, 1e4)  # the negative logits'; 0: the same
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
         # where a Mamba block takes LN_SCALE's factor: on its mixer's input, or on the mixer's output
         self.mamba_norm_scale = self._choice("MAMBA_NORM_SCALE", "input", ("input", "output"))
         self.skip_gates = self._flag("SKIP_GATES", 1)  # 1: U-Net skips mixed in by learned sigmoid gates
-        # 1: each token's embedding takes in the previous token's, gated, never across a document start (SmearGate)
-        self.smear_gate = self._flag("SMEAR_GATE", 0)
+        self.smear_gate = self._flag("SMEAR_GATE", 0)  # 1: each embedding takes in the previous one's, gated
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
-        # attention blocks that also run a Mamba-2 beside their attention, on the same input: x + attn(h) + mamba2(h)
-        self.mamba_branch_layers = self._layers("MAMBA_BRANCH_LAYERS", "")
+        self.mamba_branch_layers = self._layers("MAMBA_BRANCH_LAYERS", "")  # attention blocks with a Mamba-2 beside
         self.mamba_d_state = self._int("MAMBA_D_STATE", 32, 1, 512)
         self.mamba_d_conv = self._int("MAMBA_D_CONV", 4, 1, 16)
         self.mamba_expand = self._float("MAMBA_EXPAND", 1.0, 0.25, 8.0)
@@ -111,13 +106,11 @@ class Hyperparameters:
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
         self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)
         self.mamba_mlp = self._flag("MAMBA_MLP", 1)
-        # depth recurrence (depth for no bytes): these consecutive layers run RECUR_LOOPS more times right after
-        # their first pass, from RECUR_START_FRAC of training on and in every evaluation
+        # depth recurrence (depth for no bytes): these consecutive layers run RECUR_LOOPS more times
         self.recur_layers = self._layers("RECUR_LAYERS", "3,4,5")
         self.recur_loops = self._int("RECUR_LOOPS", 2, 1, 16)
         self.recur_start_frac = self._float("RECUR_START_FRAC", 0.35, 0.0, 1.0)
-        # blocks from this index on read one input for mixer and MLP (parallel residual); 0: off
-        self.parallel_from = self._int("PARALLEL_FROM", 7, 0, 128)
+        self.parallel_from = self._int("PARALLEL_FROM", 7, 0, 128)  # blocks from here on: parallel residual; 0: off
         self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 0, 0, 2**20)  # 0: off
         self.bigram_dim = self._int("BIGRAM_DIM", 128, 1, 4096)
         # optimizers
@@ -129,9 +122,8 @@ class Hyperparameters:
         self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
         self.muon_momentum = self._float("MUON_MOMENTUM", 0.99, 0.0, 0.9999)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
-        # Newton-Schulz coefficients: one fixed quintic, or Polar Express's per-step ones (arXiv 2505.16932)
-        self.muon_ns = self._choice("MUON_NS", "quintic", ("quintic", "polar-express"))
-        self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: each row of the update to unit norm before orthogonalizing
+        self.muon_ns = self._choice("MUON_NS", "quintic", ("quintic", "polar-express"))  # Newton-Schulz coefficients
+        self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: the update's rows to unit norm before orthogonalizing
         self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.92, 0.0, 0.9999)
         self.muon_momentum_warmup_steps = self._int("MUON_MOMENTUM_WARMUP_STEPS", 1500, 0, 10**6)
         self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
@@ -149,17 +141,15 @@ class Hyperparameters:
         self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 1_048_576, 0, 2**28)  # per rank; 0: RTN
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 12.0, 0.0, 3600.0)
         self.gptq_clip_search = self._flag("GPTQ_CLIP_SEARCH", 1)  # also try clipped scales, keep the better
-        # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (fewer bytes, more error); 0: max |w| / qmax
-        self.quant_sigmas = self._float("QUANT_SIGMAS", 12.85, 0.0, 100.0)
+        self.quant_sigmas = self._float("QUANT_SIGMAS", 12.85, 0.0, 100.0)  # grid step: this x row std / qmax; 0: max
         self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 20.0, 0.0, 1000.0)  # the same for the int8 tables
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
         # evaluation
         self.eval_stride = self._int("EVAL_STRIDE", 64, 0, 65536)  # 0: no sliding eval
-        # the context of the sliding and TTT windows (the plain roundtrip stays at TRAIN_SEQ_LEN); 0: TRAIN_SEQ_LEN
-        self.eval_seq_len = self._int("EVAL_SEQ_LEN", 0, 0, 65536)
+        self.eval_seq_len = self._int("EVAL_SEQ_LEN", 0, 0, 65536)  # sliding and TTT windows; 0: TRAIN_SEQ_LEN
         self.ttt_enabled = self._flag("TTT_ENABLED", 1)
-        # chunk: the whole model adapts by SGD on each TTT_CHUNK_TOKENS of the stream once scored (TTT_LR, _EPOCHS,
-        # _MOMENTUM); doc: each document alone, a fresh LoRA adapted by Adam after each TTT_DOC_CHUNK tokens scored
+        # chunk: the whole model adapts by SGD on each TTT_CHUNK_TOKENS once scored (TTT_LR, _EPOCHS, _MOMENTUM);
+        # doc: each document alone, a fresh LoRA adapted by Adam after each TTT_DOC_CHUNK tokens scored
         self.ttt_mode = self._choice("TTT_MODE", "chunk", ("chunk", "doc"))
         self.ttt_lr = self._float("TTT_LR", 0.005, 0.0, 10.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, 1, 100)
@@ -170,8 +160,8 @@ class Hyperparameters:
         self.ttt_doc_rank = self._int("TTT_DOC_RANK", 32, 1, 1024)
         self.ttt_doc_batch = self._int("TTT_DOC_BATCH", 64, 1, 65536)  # documents adapted side by side, per rank
         self.ttt_doc_ssm = self._flag("TTT_DOC_SSM", 0)  # 1: each Mamba-2's dt bias adapts per document too
-        # phased doc TTT: after each of TTT_DOC_PHASES equal parts of the first TTT_DOC_PREFIX of the documents, the
-        # whole model trains (TTT_LR, _MOMENTUM, _EPOCHS) on every document scored so far; 0 phases: none
+        # phased doc TTT: after each of TTT_DOC_PHASES parts of the first TTT_DOC_PREFIX of the documents, the whole
+        # model trains (TTT_LR, _MOMENTUM, _EPOCHS) on every document scored so far
         self.ttt_doc_phases = self._int("TTT_DOC_PHASES", 0, 0, 100)
         self.ttt_doc_prefix = self._float("TTT_DOC_PREFIX", 0.05, 0.0, 1.0)
         self._errors += [f"{name} is retired: use {instead}" for name, instead in RETIRED.items() if name in self._env]
@@ -304,12 +294,10 @@ class Hyperparameters:
             self.logit_softcap_neg = self.resolved["LOGIT_SOFTCAP_NEG"] = self.logit_softcap_neg or self.logit_softcap
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
-        if self.is_valid("TTT_MODE"):  # a knob of the other TTT mode would be ignored: say so
-            other = [k for k in ("TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH", "TTT_DOC_SSM",
-                                 "TTT_DOC_PHASES", "TTT_DOC_PREFIX", "TTT_CHUNK_TOKENS") if self._changed(k)
-                     and (k == "TTT_CHUNK_TOKENS") == (self.ttt_mode == "doc")]
-            for k in other:
-                mode = "chunk" if k == "TTT_CHUNK_TOKENS" else "doc"
+        for k in ("TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH", "TTT_DOC_SSM", "TTT_DOC_PHASES",
+                  "TTT_DOC_PREFIX", "TTT_CHUNK_TOKENS"):  # a knob of the other TTT mode would be ignored: say so
+            mode = "chunk" if k == "TTT_CHUNK_TOKENS" else "doc"
+            if self._changed(k) and (mode == "doc") != (self.ttt_mode == "doc"):
                 e(f"{k}={self.resolved[k]} is read only with TTT_MODE={mode} (this run: TTT_MODE={self.ttt_mode}): "
                   f"set TTT_MODE={mode}, or leave {k} unset")
         if self.is_valid("TTT_ENABLED", "EVAL_STRIDE") and self.ttt_enabled and self.eval_stride == 0:
@@ -420,11 +408,9 @@ class Hyperparameters:
 
     def resolve_world(self, world_size):
         """Batch geometry depends on the number of ranks; checked once they are known."""
-        problems = self.world_problems(world_size)
-        if problems:
+        if problems := self.world_problems(world_size):
             raise ConfigError("\n".join(problems))
-        self.grad_accum_steps = self.grad_accum_steps or max(1, 8 // world_size)
-        self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps
+        self.grad_accum_steps = self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps or max(1, 8 // world_size)
 
 # ----------------------------------------------------------------------------------------------
 # DATA: the challenge's shard format, a deterministic rank-sharded loader, bits-per-byte tables
