@@ -178,18 +178,17 @@ class Hyperparameters:
 
     def _num(self, name, default, lo, hi, cast, what):
         raw, default = self._raw(name, default)
-        value = default
         self._ranges[name], self._defaults[name] = (lo, hi), default
-        if raw is not None and raw.strip() != "":
-            try:
-                value = cast(raw)
-            except ValueError:
-                self._bad.add(name)
-                self._errors.append(f"{name}={raw!r}: expected {what} in [{lo}, {hi}] (default {default})")
-                return default
-        if not (lo <= value <= hi) or (cast is float and not math.isfinite(value)):
+        try:
+            value = default if raw is None or raw.strip() == "" else cast(raw)
+        except ValueError:  # not a number: named as written, left out of the config, the default used
+            value = None
+        if value is None or not lo <= value <= hi or (cast is float and not math.isfinite(value)):
             self._bad.add(name)
-            self._errors.append(f"{name}={value}: expected {what} in [{lo}, {hi}] (default {default})")
+            self._errors.append(f"{name}={repr(raw) if value is None else value}: expected {what} in [{lo}, {hi}] "
+                                f"(default {default})")
+        if value is None:
+            return default
         self.resolved[name] = value
         return value
 
@@ -834,9 +833,8 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
 class Block(nn.Module):
-    """Pre-norm residual block: a mixer (attention or Mamba-2; attention may have a Mamba-2 branch beside it on the
-    same input), then an MLP; `parallel`: x + mixer(x) + mlp(x).
-    Under LN_SCALE block i's normalized inputs are scaled by 1/sqrt(i+1), so deeper blocks write smaller updates."""
+    """Pre-norm residual block: a mixer (attention, maybe with a Mamba-2 branch beside it, or Mamba-2), then an MLP;
+    `parallel`: x + mixer(x) + mlp(x). LN_SCALE: inputs scaled by 1/sqrt(i+1): deeper blocks write smaller updates."""
 
     def __init__(self, hp, index, is_mamba):
         super().__init__()
@@ -1005,8 +1003,7 @@ NS_COEFFS = {
 }
 
 def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
-    """Approximate U V^T of G = U S V^T by `steps` odd polynomials X <- a X + b (X X^T) X + c (X X^T)^2 X.
-    G: one matrix or a stack of same-shape matrices (..., m, n), each orthogonalized on its own."""
+    """U V^T of G = U S V^T (each matrix of a stack), by `steps` odd polynomials a X + b (X X^T) X + c (X X^T)^2 X."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     # Polar Express's first polynomial assumes singular values at most 1: the 2% margin keeps them there
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if coeffs == "polar-express" else 1.0) + eps)
@@ -1289,10 +1286,9 @@ def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0
     return q[0], s[0]
 
 def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
-    """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols), in one
-    (launch-bound) column loop: columns quantized largest Hessian diagonal first, each one's rounding error pushed
-    onto the rest through the inverse Hessian's Cholesky factor. With clip, both the full-range and clip_scales'
-    scales are tried and the better kept, per matrix; with sigmas > 0 the row's std fixes the step: no search."""
+    """GPTQ on a stack W (n, rows, cols) with Hessians H (n, cols, cols) in one (launch-bound) column loop: columns
+    largest Hessian diagonal first, each one's rounding error pushed onto the rest. With clip, full-range and
+    clip_scales' scales are both tried, the better kept per matrix; with sigmas > 0 the row's std fixes the step."""
     H = H.float().clone()
     W = W.float().to(H.device).clone()
     n, rows, cols = W.shape
@@ -1380,9 +1376,8 @@ def collect_hessians(model, batches, ctx, names, log=None):
     return hessians
 
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
-    """-> {name: (kind, q, scale)}: int6 matrices and int8 tables, by GPTQ where a Hessian exists (RTN without one,
-    or past the deadline), float (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids'
-    steps (row_scales) for matrices and tables. Same-shape matrices go through GPTQ as one batch."""
+    """-> {name: (kind, q, scale)}: int6 matrices and int8 tables (sigmas, embed_sigmas: their row_scales), by batched
+    GPTQ where a Hessian exists (RTN without one, or past the deadline); float (q the tensor, scale None) the rest."""
     state = {n: p.detach().float().cpu() for n, p in model.state_dict().items()}
     out, batches, late = {}, {}, 0
     for name, p in model.state_dict().items():
@@ -1653,6 +1648,16 @@ def sliding_windows(lo, hi, seq_len, stride):
         done = end
     return windows
 
+def padded_batch(tokens, spans, rows, width):
+    """Inputs tokens[s:e] and targets tokens[s+1:e+1] per span (s, e, done), right-padded to (rows, width), and the
+    mask of the targets done+1..e each row scores. Right-padding is exact for a causal model: pads are never scored."""
+    x = torch.zeros(rows, width, dtype=torch.int64)
+    y, mask = torch.zeros_like(x), torch.zeros(rows, width, dtype=torch.bool)
+    for j, (s, e, done) in enumerate(spans):
+        x[j, :e - s], y[j, :e - s] = tokens[s:e], tokens[s + 1:e + 1]
+        mask[j, done - s:e - s] = True
+    return x, y, mask
+
 def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
     """Summed loss (nats), target count and byte count over the windows, each rank scoring its share. Every batch
     has batch_seqs rows (the last padded with unscored rows): a compiled model sees one shape."""
@@ -1666,15 +1671,7 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
             if log is not None and ctx.is_main and n and n % every == 0:
                 el = time.time() - t0
                 log(f"  eval {n}/{len(starts)} batches elapsed:{el:.0f}s eta:{el / n * (len(starts) - n):.0f}s")
-            x = torch.zeros(batch_seqs, seq_len, dtype=torch.int64)
-            y = torch.zeros_like(x)
-            mask = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
-            for j, (s, e, done) in enumerate(mine[i:i + batch_seqs]):
-                # right-padding is exact for a causal model: padded positions are never scored
-                x[j, :e - s] = tokens[s:e]
-                y[j, :e - s] = tokens[s + 1:e + 1]
-                mask[j, done - s:e - s] = True
-            x, y, mask = x.to(ctx.device), y.to(ctx.device), mask.to(ctx.device)
+            x, y, mask = (t.to(ctx.device) for t in padded_batch(tokens, mine[i:i + batch_seqs], batch_seqs, seq_len))
             with autocast(ctx.device):
                 loss = model(x, y)
             stats[0] += loss[mask].double().sum()
@@ -1700,21 +1697,18 @@ def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     return stats_to_metrics(stats)
 
 def sgd_on_spans(model, tokens, spans, opt, epochs, rows, steps, ctx):
-    """The whole model trained on this rank's token spans (s, e): inputs tokens[s:e], targets tokens[s+1:e+1], rows
-    at a time, `epochs` passes of `steps` steps, which every rank must take alike (gradients are averaged; a rank
-    out of spans adds zeros)."""
+    """The whole model trained on this rank's spans (s, e) of tokens, rows at a time, `epochs` passes of `steps`
+    steps, alike on every rank (gradients are averaged; a rank out of spans adds zeros)."""
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(epochs):
         for i in range(steps):
             batch = spans[i * rows:(i + 1) * rows]
             if batch:
-                x = torch.zeros(len(batch), max(e - s for s, e in batch), dtype=torch.int64)
-                y, valid = torch.zeros_like(x), torch.zeros(x.shape, dtype=torch.bool)
-                for j, (s, e) in enumerate(batch):
-                    x[j, :e - s], y[j, :e - s], valid[j, :e - s] = tokens[s:e], tokens[s + 1:e + 1], True
+                x, y, valid = (t.to(ctx.device) for t in padded_batch(tokens, [(s, e, s) for s, e in batch], len(batch),
+                                                                       max(e - s for s, e in batch)))
                 with autocast(ctx.device):
-                    loss = model(x.to(ctx.device), y.to(ctx.device))[valid.to(ctx.device)].mean()
+                    loss = model(x, y)[valid].mean()
                 loss.backward()
             average_gradients(params, ctx)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1770,9 +1764,8 @@ def document_targets(tokens, bos_id):
     return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 def attach_doc_lora(model, rows, rank, generator, ssm=False):
-    """A fresh LoRA on every linear map of the blocks and on the output head, one per batch row: A random, B zero,
-    so the model starts as it is; with ssm, a zero shift of each Mamba-2's dt bias too (its memory lengths).
-    -> the factors (what document TTT adapts; the model's own weights stay)."""
+    """A fresh LoRA per batch row on the blocks' linear maps and the head (A random, B zero: the model starts as it
+    is); with ssm, a zero shift of each Mamba-2's dt bias too. -> the factors, what document TTT adapts."""
     factors, dev = [], generator.device
 
     def new(out_features, in_features):
@@ -1797,10 +1790,9 @@ def detach_doc_lora(model):
     model.head_lora = None
 
 def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
-    """Score-first TTT per document: each document alone (its context only its own tokens, at most EVAL_SEQ_LEN),
-    with a fresh LoRA adapted by one Adam step after each TTT_DOC_CHUNK of its targets is scored. Every target is
-    scored once, by weights that saw only earlier targets of its document (and, phased, documents scored before
-    it) -> (val_loss, val_bpb, this rank's loss of each target, 0 where another rank scored it)."""
+    """Score-first TTT per document (its context: its own tokens, at most EVAL_SEQ_LEN), a fresh LoRA adapted by an
+    Adam step after each TTT_DOC_CHUNK of its targets is scored: each target by weights that saw only earlier ones
+    (and, phased, earlier documents) -> (val_loss, val_bpb, this rank's loss of each target, 0 for other ranks')."""
     E, K, rows = hp.eval_seq_len, hp.ttt_doc_chunk, hp.ttt_doc_batch
     docs = document_targets(tokens, model.bos_id)
     mine = sorted(docs[ctx.rank::ctx.world_size], key=lambda d: d[0] - d[1])  # longest first: similar rows together
@@ -1830,13 +1822,8 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
             # row i scores targets lo+cK+1..t from the window tokens[w:t], w >= lo (finished rows: nothing)
             spans = [(max(lo, t - E), t, lo + c * K) for lo, hi in batch for t in [min(lo + (c + 1) * K, hi)]]
             width = max(t - w for (w, t, _), n in zip(spans, chunks) if c < n)
-            x = torch.zeros(len(batch), width, dtype=torch.int64)
-            y, scored = torch.zeros_like(x), torch.zeros(len(batch), width, dtype=torch.bool)
-            for i, (w, t, done) in enumerate(spans):
-                if c < chunks[i]:
-                    x[i, :t - w], y[i, :t - w] = tokens[w:t], tokens[w + 1:t + 1]
-                    scored[i, done - w:t - w] = True
-            x, y, scored = x.to(ctx.device), y.to(ctx.device), scored.to(ctx.device)
+            x, y, scored = (t.to(ctx.device) for t in padded_batch(
+                tokens, [span if c < n else (0, 0, 0) for span, n in zip(spans, chunks)], len(batch), width))
             with autocast(ctx.device):
                 loss = model(x, y)
             stats += torch.stack([loss.detach()[scored].double().sum(), scored.sum().double(),
@@ -2000,8 +1987,7 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     return path, total
 
 def final_evaluation(model, val_tokens, hp, ctx, luts, log):
-    """Roundtrip (plain, TRAIN_SEQ_LEN windows), sliding and TTT scores (EVAL_SEQ_LEN windows) of the loaded
-    artifact; val_bpb is the last one run."""
+    """The loaded artifact's roundtrip (TRAIN_SEQ_LEN), sliding and TTT scores; val_bpb is the last one run."""
     L, E = hp.train_seq_len, hp.eval_seq_len
     t0 = time.time()
     loss, bpb = evaluate(model, val_tokens, L, L, eval_rows(hp, ctx, L), ctx, luts, log)
