@@ -21,7 +21,6 @@ from torch import Tensor, nn
 # ----------------------------------------------------------------------------------------------
 # HYPERPARAMETERS
 # Every knob is read here, once, from the environment; bad values stop the run before any work.
-# ----------------------------------------------------------------------------------------------
 
 class ConfigError(ValueError):
     pass
@@ -413,7 +412,6 @@ class Hyperparameters:
 
 # ----------------------------------------------------------------------------------------------
 # DATA: the challenge's shard format, a deterministic rank-sharded loader, bits-per-byte tables
-# ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
@@ -567,7 +565,6 @@ def target_bytes(prev_ids, target_ids, luts):
 # ----------------------------------------------------------------------------------------------
 # MODEL. Kernel call sites (attention_op, causal_conv1d, ssd_scan) are single functions so a fast
 # GPU path can be dispatched there; the PyTorch versions below run anywhere.
-# ----------------------------------------------------------------------------------------------
 
 def attention_sdpa(q, k, v):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -990,7 +987,6 @@ def parameter_report(model):
 
 # ----------------------------------------------------------------------------------------------
 # OPTIMIZERS: Muon for every 2-D matrix (attention, MLP, Mamba projections), Adam for the rest
-# ----------------------------------------------------------------------------------------------
 
 NS_COEFFS = {
     "quintic": [(3.4445, -4.7750, 2.0315)],  # one polynomial for every step, tuned for speed over exactness
@@ -1089,7 +1085,6 @@ def build_optimizers(model, hp):
 
 # ----------------------------------------------------------------------------------------------
 # TRAINING
-# ----------------------------------------------------------------------------------------------
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -1230,7 +1225,6 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
 # ----------------------------------------------------------------------------------------------
 # QUANTIZATION AND EXPORT: int6 GPTQ for large matrices, int8 embeddings, float for the small and
 # SSM-control tensors; a JSON header + raw bytes, LZMA-compressed. No pickle anywhere.
-# ----------------------------------------------------------------------------------------------
 
 QMAX = {"int4": 7, "int5": 15, "int6": 31, "int8": 127}  # the kinds of integer payload; int6 is the default
 INT6_MAX, INT8_MAX = QMAX["int6"], QMAX["int8"]
@@ -1633,7 +1627,6 @@ def packed_source(code: bytes) -> bytes:
 
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: every validation target scored exactly once, with as much left context as fits
-# ----------------------------------------------------------------------------------------------
 
 def sliding_windows(lo, hi, seq_len, stride):
     """Windows (start, end, done) scoring targets lo+1..hi (target j is token j): each reads tokens[start:end+1]
@@ -1726,11 +1719,9 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
     total, per_chunk, t0, score_s = torch.zeros(3, dtype=torch.float64, device=ctx.device), [], time.time(), 0.0
     num_chunks = len(bounds) - 1
-    for ci in range(num_chunks):
-        lo, hi = bounds[ci], bounds[ci + 1]
+    for ci, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         t_score = time.time()
-        windows = sliding_windows(lo, hi, L, hp.eval_stride)
-        stats = score_windows(model, tokens, windows, L, rows, ctx, luts)
+        stats = score_windows(model, tokens, sliding_windows(lo, hi, L, hp.eval_stride), L, rows, ctx, luts)
         per_chunk.append(stats.cpu())
         score_s += time.time() - t_score
         total += stats
@@ -1863,7 +1854,6 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
 
 # ----------------------------------------------------------------------------------------------
 # MAIN
-# ----------------------------------------------------------------------------------------------
 
 class Context:
     @staticmethod
@@ -1934,9 +1924,8 @@ def describe(hp, model, log, code_bytes):
     int6, int8 = (sum(p.numel() for k, p in kinds if k == kind) for kind in ("int6", "int8"))
     flt, cap = report["total"] - int6 - int8, int(hp.target_mb * 1e6)
     rows = sum(p.size(0) for k, p in kinds if k != "float")
-    # bytes a value after compression, fitted on trained runs (a guide: trained weights vary): a Gaussian row's
-    # entropy on its grid, 2.05 - log2(step / std), + 0.2 for heavier tails at max-abs steps (about 3.3 stds / qmax);
-    # 2.10 - log2(step / std) at std-based ones. Row scales about a byte each, the float tensors fp16
+    # bytes a value after compression: a Gaussian row's entropy on its grid, fitted on trained runs
+    # (docs/quantization.md); row scales about a byte each, the float tensors fp16
     def value_bytes(qmax, sigmas):
         return (2.10 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
     expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
