@@ -21,7 +21,6 @@ from torch import Tensor, nn
 # ----------------------------------------------------------------------------------------------
 # HYPERPARAMETERS
 # Every knob is read here, once, from the environment; bad values stop the run before any work.
-# ----------------------------------------------------------------------------------------------
 
 class ConfigError(ValueError):
     pass
@@ -66,8 +65,7 @@ class Hyperparameters:
         self.allow_cpu = self._flag("ALLOW_CPU", 0)  # 1: train without CUDA anyway (else only SMOKE, DRY_RUN)
         # training length and batch
         self.iterations = self._int("ITERATIONS", 20000, 1, 10**7)
-        # the LR falls linearly to MIN_LR x its peak over the last WARMDOWN_FRAC of training (wall clock or steps)
-        self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.72, 0.0, 1.0)
+        self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.72, 0.0, 1.0)  # the LR's linear fall to MIN_LR x peak
         self.min_lr = self._float("MIN_LR", 0.0, 0.0, 1.0)
         self.warmup_steps = self._int("WARMUP_STEPS", 20, 0, 1000)  # compile warm-up, then weights reset
         self.lr_warmup_steps = self._int("LR_WARMUP_STEPS", 0, 0, 10**6)
@@ -88,22 +86,18 @@ class Hyperparameters:
         self.rope_base = self._float("ROPE_BASE", 10000.0, 1.0, 1e9)
         self.rope_dims = self._int("ROPE_DIMS", 16, 0, 1024)  # rotated dims per head (partial RoPE); 0: all
         self.attn_xsa = self._flag("ATTN_XSA", 1)  # 1: remove each output's component along its own value
-        # 1: each head's output times sigmoid(0.5 w_h . x[:12]), x the block's normalized input (sparse output gate)
-        self.attn_gate = self._flag("ATTN_GATE", 0)
+        self.attn_gate = self._flag("ATTN_GATE", 0)  # 1: each head's output times sigmoid(0.5 w_h . x[:12])
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)  # 0: off
-        # the cap of the negative logits, where it differs (the later records' asymmetric softcap); 0: LOGIT_SOFTCAP
-        self.logit_softcap_neg = self._float("LOGIT_SOFTCAP_NEG", 0.0, 0.0, 1e4)
+        self.logit_softcap_neg = self._float("LOGIT_SOFTCAP_NEG", 0.0, 0.0, 1e4)  # the negative logits'; 0: the same
         self.qk_gain_init = self._float("QK_GAIN_INIT", 5.25, 0.0, 100.0)  # per-head query gain, learned
         self.ln_scale = self._flag("LN_SCALE", 1)  # 1: block i's normalized inputs scaled by 1/sqrt(i+1)
         # where a Mamba block takes LN_SCALE's factor: on its mixer's input, or on the mixer's output
         self.mamba_norm_scale = self._choice("MAMBA_NORM_SCALE", "input", ("input", "output"))
         self.skip_gates = self._flag("SKIP_GATES", 1)  # 1: U-Net skips mixed in by learned sigmoid gates
-        # 1: each token's embedding takes in the previous token's, gated, never across a document start (SmearGate)
-        self.smear_gate = self._flag("SMEAR_GATE", 0)
+        self.smear_gate = self._flag("SMEAR_GATE", 0)  # 1: each embedding takes in the previous one's, gated
         self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, 0.0, 1.0)
         self.mamba_layers = self._layers("MAMBA_LAYERS", DEFAULT_MAMBA_LAYERS)
-        # attention blocks that also run a Mamba-2 beside their attention, on the same input: x + attn(h) + mamba2(h)
-        self.mamba_branch_layers = self._layers("MAMBA_BRANCH_LAYERS", "")
+        self.mamba_branch_layers = self._layers("MAMBA_BRANCH_LAYERS", "")  # attention blocks with a Mamba-2 beside
         self.mamba_d_state = self._int("MAMBA_D_STATE", 32, 1, 512)
         self.mamba_d_conv = self._int("MAMBA_D_CONV", 4, 1, 16)
         self.mamba_expand = self._float("MAMBA_EXPAND", 1.0, 0.25, 8.0)
@@ -111,13 +105,11 @@ class Hyperparameters:
         self.mamba_ngroups = self._int("MAMBA_NGROUPS", 1, 1, 64)
         self.mamba_chunk_size = self._int("MAMBA_CHUNK_SIZE", 256, 1, 4096)
         self.mamba_mlp = self._flag("MAMBA_MLP", 1)
-        # depth recurrence (depth for no bytes): these consecutive layers run RECUR_LOOPS more times right after
-        # their first pass, from RECUR_START_FRAC of training on and in every evaluation
+        # depth recurrence (depth for no bytes): these consecutive layers run RECUR_LOOPS more times
         self.recur_layers = self._layers("RECUR_LAYERS", "3,4,5")
         self.recur_loops = self._int("RECUR_LOOPS", 2, 1, 16)
         self.recur_start_frac = self._float("RECUR_START_FRAC", 0.35, 0.0, 1.0)
-        # blocks from this index on read one input for mixer and MLP (parallel residual); 0: off
-        self.parallel_from = self._int("PARALLEL_FROM", 7, 0, 128)
+        self.parallel_from = self._int("PARALLEL_FROM", 7, 0, 128)  # blocks from here on: parallel residual; 0: off
         self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 0, 0, 2**20)  # 0: off
         self.bigram_dim = self._int("BIGRAM_DIM", 128, 1, 4096)
         # optimizers
@@ -129,9 +121,8 @@ class Hyperparameters:
         self.head_lr = self._float("HEAD_LR", 0.008, 0.0, 10.0)
         self.muon_momentum = self._float("MUON_MOMENTUM", 0.99, 0.0, 0.9999)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, 1, 20)
-        # Newton-Schulz coefficients: one fixed quintic, or Polar Express's per-step ones (arXiv 2505.16932)
-        self.muon_ns = self._choice("MUON_NS", "quintic", ("quintic", "polar-express"))
-        self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: each row of the update to unit norm before orthogonalizing
+        self.muon_ns = self._choice("MUON_NS", "quintic", ("quintic", "polar-express"))  # Newton-Schulz coefficients
+        self.muon_row_norm = self._flag("MUON_ROW_NORM", 1)  # 1: the update's rows to unit norm before orthogonalizing
         self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.92, 0.0, 0.9999)
         self.muon_momentum_warmup_steps = self._int("MUON_MOMENTUM_WARMUP_STEPS", 1500, 0, 10**6)
         self.beta1 = self._float("BETA1", 0.9, 0.0, 0.9999)
@@ -149,17 +140,15 @@ class Hyperparameters:
         self.gptq_calib_tokens = self._int("GPTQ_CALIB_TOKENS", 1_048_576, 0, 2**28)  # per rank; 0: RTN
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 12.0, 0.0, 3600.0)
         self.gptq_clip_search = self._flag("GPTQ_CLIP_SEARCH", 1)  # also try clipped scales, keep the better
-        # > 0: each row's grid step is QUANT_SIGMAS x the row's std / qmax (fewer bytes, more error); 0: max |w| / qmax
-        self.quant_sigmas = self._float("QUANT_SIGMAS", 12.85, 0.0, 100.0)
+        self.quant_sigmas = self._float("QUANT_SIGMAS", 12.85, 0.0, 100.0)  # grid step: this x row std / qmax; 0: max
         self.quant_embed_sigmas = self._float("QUANT_EMBED_SIGMAS", 20.0, 0.0, 1000.0)  # the same for the int8 tables
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, 4, 6)  # over the cap, matrices may go down to this
         # evaluation
         self.eval_stride = self._int("EVAL_STRIDE", 64, 0, 65536)  # 0: no sliding eval
-        # the context of the sliding and TTT windows (the plain roundtrip stays at TRAIN_SEQ_LEN); 0: TRAIN_SEQ_LEN
-        self.eval_seq_len = self._int("EVAL_SEQ_LEN", 0, 0, 65536)
+        self.eval_seq_len = self._int("EVAL_SEQ_LEN", 0, 0, 65536)  # sliding and TTT windows; 0: TRAIN_SEQ_LEN
         self.ttt_enabled = self._flag("TTT_ENABLED", 1)
-        # chunk: the whole model adapts by SGD on each TTT_CHUNK_TOKENS of the stream once scored (TTT_LR, _EPOCHS,
-        # _MOMENTUM); doc: each document alone, a fresh LoRA adapted by Adam after each TTT_DOC_CHUNK tokens scored
+        # chunk: the whole model adapts by SGD on each TTT_CHUNK_TOKENS once scored (TTT_LR, _EPOCHS, _MOMENTUM);
+        # doc: each document alone, a fresh LoRA adapted by Adam after each TTT_DOC_CHUNK tokens scored
         self.ttt_mode = self._choice("TTT_MODE", "chunk", ("chunk", "doc"))
         self.ttt_lr = self._float("TTT_LR", 0.005, 0.0, 10.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, 1, 100)
@@ -170,8 +159,8 @@ class Hyperparameters:
         self.ttt_doc_rank = self._int("TTT_DOC_RANK", 32, 1, 1024)
         self.ttt_doc_batch = self._int("TTT_DOC_BATCH", 64, 1, 65536)  # documents adapted side by side, per rank
         self.ttt_doc_ssm = self._flag("TTT_DOC_SSM", 0)  # 1: each Mamba-2's dt bias adapts per document too
-        # phased doc TTT: after each of TTT_DOC_PHASES equal parts of the first TTT_DOC_PREFIX of the documents, the
-        # whole model trains (TTT_LR, _MOMENTUM, _EPOCHS) on every document scored so far; 0 phases: none
+        # phased doc TTT: after each of TTT_DOC_PHASES parts of the first TTT_DOC_PREFIX of the documents, the whole
+        # model trains (TTT_LR, _MOMENTUM, _EPOCHS) on every document scored so far
         self.ttt_doc_phases = self._int("TTT_DOC_PHASES", 0, 0, 100)
         self.ttt_doc_prefix = self._float("TTT_DOC_PREFIX", 0.05, 0.0, 1.0)
         self._errors += [f"{name} is retired: use {instead}" for name, instead in RETIRED.items() if name in self._env]
@@ -188,18 +177,17 @@ class Hyperparameters:
 
     def _num(self, name, default, lo, hi, cast, what):
         raw, default = self._raw(name, default)
-        value = default
         self._ranges[name], self._defaults[name] = (lo, hi), default
-        if raw is not None and raw.strip() != "":
-            try:
-                value = cast(raw)
-            except ValueError:
-                self._bad.add(name)
-                self._errors.append(f"{name}={raw!r}: expected {what} in [{lo}, {hi}] (default {default})")
-                return default
-        if not (lo <= value <= hi) or (cast is float and not math.isfinite(value)):
+        try:
+            value = default if raw is None or raw.strip() == "" else cast(raw)
+        except ValueError:  # not a number: named as written, left out of the config, the default used
+            value = None
+        if value is None or not lo <= value <= hi or (cast is float and not math.isfinite(value)):
             self._bad.add(name)
-            self._errors.append(f"{name}={value}: expected {what} in [{lo}, {hi}] (default {default})")
+            self._errors.append(f"{name}={repr(raw) if value is None else value}: expected {what} in [{lo}, {hi}] "
+                                f"(default {default})")
+        if value is None:
+            return default
         self.resolved[name] = value
         return value
 
@@ -304,12 +292,10 @@ class Hyperparameters:
             self.logit_softcap_neg = self.resolved["LOGIT_SOFTCAP_NEG"] = self.logit_softcap_neg or self.logit_softcap
         if self.require_fast_kernels and not self.fast_kernels:
             e("REQUIRE_FAST_KERNELS=1 needs FAST_KERNELS=1")
-        if self.is_valid("TTT_MODE"):  # a knob of the other TTT mode would be ignored: say so
-            other = [k for k in ("TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH", "TTT_DOC_SSM",
-                                 "TTT_DOC_PHASES", "TTT_DOC_PREFIX", "TTT_CHUNK_TOKENS") if self._changed(k)
-                     and (k == "TTT_CHUNK_TOKENS") == (self.ttt_mode == "doc")]
-            for k in other:
-                mode = "chunk" if k == "TTT_CHUNK_TOKENS" else "doc"
+        for k in ("TTT_DOC_CHUNK", "TTT_DOC_LR", "TTT_DOC_RANK", "TTT_DOC_BATCH", "TTT_DOC_SSM", "TTT_DOC_PHASES",
+                  "TTT_DOC_PREFIX", "TTT_CHUNK_TOKENS"):  # a knob of the other TTT mode would be ignored: say so
+            mode = "chunk" if k == "TTT_CHUNK_TOKENS" else "doc"
+            if self._changed(k) and (mode == "doc") != (self.ttt_mode == "doc"):
                 e(f"{k}={self.resolved[k]} is read only with TTT_MODE={mode} (this run: TTT_MODE={self.ttt_mode}): "
                   f"set TTT_MODE={mode}, or leave {k} unset")
         if self.is_valid("TTT_ENABLED", "EVAL_STRIDE") and self.ttt_enabled and self.eval_stride == 0:
@@ -420,15 +406,12 @@ class Hyperparameters:
 
     def resolve_world(self, world_size):
         """Batch geometry depends on the number of ranks; checked once they are known."""
-        problems = self.world_problems(world_size)
-        if problems:
+        if problems := self.world_problems(world_size):
             raise ConfigError("\n".join(problems))
-        self.grad_accum_steps = self.grad_accum_steps or max(1, 8 // world_size)
-        self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps
+        self.grad_accum_steps = self.resolved["GRAD_ACCUM_STEPS"] = self.grad_accum_steps or max(1, 8 // world_size)
 
 # ----------------------------------------------------------------------------------------------
 # DATA: the challenge's shard format, a deterministic rank-sharded loader, bits-per-byte tables
-# ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
@@ -582,7 +565,6 @@ def target_bytes(prev_ids, target_ids, luts):
 # ----------------------------------------------------------------------------------------------
 # MODEL. Kernel call sites (attention_op, causal_conv1d, ssd_scan) are single functions so a fast
 # GPU path can be dispatched there; the PyTorch versions below run anywhere.
-# ----------------------------------------------------------------------------------------------
 
 def attention_sdpa(q, k, v):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -857,9 +839,8 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
 class Block(nn.Module):
-    """Pre-norm residual block: a mixer (attention or Mamba-2; attention may have a Mamba-2 branch beside it on the
-    same input), then an MLP; `parallel`: x + mixer(x) + mlp(x).
-    Under LN_SCALE block i's normalized inputs are scaled by 1/sqrt(i+1), so deeper blocks write smaller updates."""
+    """Pre-norm residual block: a mixer (attention, maybe with a Mamba-2 branch beside it, or Mamba-2), then an MLP;
+    `parallel`: x + mixer(x) + mlp(x). LN_SCALE: inputs scaled by 1/sqrt(i+1): deeper blocks write smaller updates."""
 
     def __init__(self, hp, index, is_mamba):
         super().__init__()
@@ -1015,7 +996,6 @@ def parameter_report(model):
 
 # ----------------------------------------------------------------------------------------------
 # OPTIMIZERS: Muon for every 2-D matrix (attention, MLP, Mamba projections), Adam for the rest
-# ----------------------------------------------------------------------------------------------
 
 NS_COEFFS = {
     "quintic": [(3.4445, -4.7750, 2.0315)],  # one polynomial for every step, tuned for speed over exactness
@@ -1028,8 +1008,7 @@ NS_COEFFS = {
 }
 
 def newton_schulz_orthogonalize(G, steps, eps=1e-7, coeffs="quintic"):
-    """Approximate U V^T of G = U S V^T by `steps` odd polynomials X <- a X + b (X X^T) X + c (X X^T)^2 X.
-    G: one matrix or a stack of same-shape matrices (..., m, n), each orthogonalized on its own."""
+    """U V^T of G = U S V^T (each matrix of a stack), by `steps` odd polynomials a X + b (X X^T) X + c (X X^T)^2 X."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     # Polar Express's first polynomial assumes singular values at most 1: the 2% margin keeps them there
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if coeffs == "polar-express" else 1.0) + eps)
@@ -1115,7 +1094,6 @@ def build_optimizers(model, hp):
 
 # ----------------------------------------------------------------------------------------------
 # TRAINING
-# ----------------------------------------------------------------------------------------------
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -1256,7 +1234,6 @@ def train_loop(model, base_model, opts, loader, hp, ctx, clock, log=print, valid
 # ----------------------------------------------------------------------------------------------
 # QUANTIZATION AND EXPORT: int6 GPTQ for large matrices, int8 embeddings, float for the small and
 # SSM-control tensors; a JSON header + raw bytes, LZMA-compressed. No pickle anywhere.
-# ----------------------------------------------------------------------------------------------
 
 QMAX = {"int4": 7, "int5": 15, "int6": 31, "int8": 127}  # the kinds of integer payload; int6 is the default
 INT6_MAX, INT8_MAX = QMAX["int6"], QMAX["int8"]
@@ -1312,10 +1289,9 @@ def quantize_gptq(w, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0
     return q[0], s[0]
 
 def quantize_gptq_batch(W, H, qmax=INT6_MAX, block=128, damp=0.01, clip=True, sigmas=0.0):
-    """GPTQ on a stack of same-shape matrices W (n, rows, cols), each with its Hessian H (n, cols, cols), in one
-    (launch-bound) column loop: columns quantized largest Hessian diagonal first, each one's rounding error pushed
-    onto the rest through the inverse Hessian's Cholesky factor. With clip, both the full-range and clip_scales'
-    scales are tried and the better kept, per matrix; with sigmas > 0 the row's std fixes the step: no search."""
+    """GPTQ on a stack W (n, rows, cols) with Hessians H (n, cols, cols) in one (launch-bound) column loop: columns
+    largest Hessian diagonal first, each one's rounding error pushed onto the rest. With clip, full-range and
+    clip_scales' scales are both tried, the better kept per matrix; with sigmas > 0 the row's std fixes the step."""
     H = H.float().clone()
     W = W.float().to(H.device).clone()
     n, rows, cols = W.shape
@@ -1403,9 +1379,8 @@ def collect_hessians(model, batches, ctx, names, log=None):
     return hessians
 
 def quantize_model(model, hessians, deadline=None, log=print, clip=True, agree=bool, sigmas=0.0, embed_sigmas=0.0):
-    """-> {name: (kind, q, scale)}: int6 matrices and int8 tables, by GPTQ where a Hessian exists (RTN without one,
-    or past the deadline), float (q = the tensor, scale None) for the rest. sigmas and embed_sigmas: the grids'
-    steps (row_scales) for matrices and tables. Same-shape matrices go through GPTQ as one batch."""
+    """-> {name: (kind, q, scale)}: int6 matrices and int8 tables (sigmas, embed_sigmas: their row_scales), by batched
+    GPTQ where a Hessian exists (RTN without one, or past the deadline); float (q the tensor, scale None) the rest."""
     state = {n: p.detach().float().cpu() for n, p in model.state_dict().items()}
     out, batches, late = {}, {}, 0
     for name, p in model.state_dict().items():
@@ -1661,7 +1636,6 @@ def packed_source(code: bytes) -> bytes:
 
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: every validation target scored exactly once, with as much left context as fits
-# ----------------------------------------------------------------------------------------------
 
 def sliding_windows(lo, hi, seq_len, stride):
     """Windows (start, end, done) scoring targets lo+1..hi (target j is token j): each reads tokens[start:end+1]
@@ -1676,6 +1650,16 @@ def sliding_windows(lo, hi, seq_len, stride):
         done = end
     return windows
 
+def padded_batch(tokens, spans, rows, width):
+    """Inputs tokens[s:e] and targets tokens[s+1:e+1] per span (s, e, done), right-padded to (rows, width), and the
+    mask of the targets done+1..e each row scores. Right-padding is exact for a causal model: pads are never scored."""
+    x = torch.zeros(rows, width, dtype=torch.int64)
+    y, mask = torch.zeros_like(x), torch.zeros(rows, width, dtype=torch.bool)
+    for j, (s, e, done) in enumerate(spans):
+        x[j, :e - s], y[j, :e - s] = tokens[s:e], tokens[s + 1:e + 1]
+        mask[j, done - s:e - s] = True
+    return x, y, mask
+
 def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=None):
     """Summed loss (nats), target count and byte count over the windows, each rank scoring its share. Every batch
     has batch_seqs rows (the last padded with unscored rows): a compiled model sees one shape."""
@@ -1689,15 +1673,7 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, ctx, luts, log=No
             if log is not None and ctx.is_main and n and n % every == 0:
                 el = time.time() - t0
                 log(f"  eval {n}/{len(starts)} batches elapsed:{el:.0f}s eta:{el / n * (len(starts) - n):.0f}s")
-            x = torch.zeros(batch_seqs, seq_len, dtype=torch.int64)
-            y = torch.zeros_like(x)
-            mask = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
-            for j, (s, e, done) in enumerate(mine[i:i + batch_seqs]):
-                # right-padding is exact for a causal model: padded positions are never scored
-                x[j, :e - s] = tokens[s:e]
-                y[j, :e - s] = tokens[s + 1:e + 1]
-                mask[j, done - s:e - s] = True
-            x, y, mask = x.to(ctx.device), y.to(ctx.device), mask.to(ctx.device)
+            x, y, mask = (t.to(ctx.device) for t in padded_batch(tokens, mine[i:i + batch_seqs], batch_seqs, seq_len))
             with autocast(ctx.device):
                 loss = model(x, y)
             stats[0] += loss[mask].double().sum()
@@ -1723,21 +1699,18 @@ def evaluate(model, tokens, seq_len, stride, batch_seqs, ctx, luts, log=None):
     return stats_to_metrics(stats)
 
 def sgd_on_spans(model, tokens, spans, opt, epochs, rows, steps, ctx):
-    """The whole model trained on this rank's token spans (s, e): inputs tokens[s:e], targets tokens[s+1:e+1], rows
-    at a time, `epochs` passes of `steps` steps, which every rank must take alike (gradients are averaged; a rank
-    out of spans adds zeros)."""
+    """The whole model trained on this rank's spans (s, e) of tokens, rows at a time, `epochs` passes of `steps`
+    steps, alike on every rank (gradients are averaged; a rank out of spans adds zeros)."""
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(epochs):
         for i in range(steps):
             batch = spans[i * rows:(i + 1) * rows]
             if batch:
-                x = torch.zeros(len(batch), max(e - s for s, e in batch), dtype=torch.int64)
-                y, valid = torch.zeros_like(x), torch.zeros(x.shape, dtype=torch.bool)
-                for j, (s, e) in enumerate(batch):
-                    x[j, :e - s], y[j, :e - s], valid[j, :e - s] = tokens[s:e], tokens[s + 1:e + 1], True
+                x, y, valid = (t.to(ctx.device) for t in padded_batch(tokens, [(s, e, s) for s, e in batch], len(batch),
+                                                                       max(e - s for s, e in batch)))
                 with autocast(ctx.device):
-                    loss = model(x.to(ctx.device), y.to(ctx.device))[valid.to(ctx.device)].mean()
+                    loss = model(x, y)[valid].mean()
                 loss.backward()
             average_gradients(params, ctx)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1755,11 +1728,9 @@ def evaluate_ttt(model, tokens, hp, batch_seqs, ctx, luts, log=print):
     opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
     total, per_chunk, t0, score_s = torch.zeros(3, dtype=torch.float64, device=ctx.device), [], time.time(), 0.0
     num_chunks = len(bounds) - 1
-    for ci in range(num_chunks):
-        lo, hi = bounds[ci], bounds[ci + 1]
+    for ci, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         t_score = time.time()
-        windows = sliding_windows(lo, hi, L, hp.eval_stride)
-        stats = score_windows(model, tokens, windows, L, rows, ctx, luts)
+        stats = score_windows(model, tokens, sliding_windows(lo, hi, L, hp.eval_stride), L, rows, ctx, luts)
         per_chunk.append(stats.cpu())
         score_s += time.time() - t_score
         total += stats
@@ -1793,9 +1764,8 @@ def document_targets(tokens, bos_id):
     return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 def attach_doc_lora(model, rows, rank, generator, ssm=False):
-    """A fresh LoRA on every linear map of the blocks and on the output head, one per batch row: A random, B zero,
-    so the model starts as it is; with ssm, a zero shift of each Mamba-2's dt bias too (its memory lengths).
-    -> the factors (what document TTT adapts; the model's own weights stay)."""
+    """A fresh LoRA per batch row on the blocks' linear maps and the head (A random, B zero: the model starts as it
+    is); with ssm, a zero shift of each Mamba-2's dt bias too. -> the factors, what document TTT adapts."""
     factors, dev = [], generator.device
 
     def new(out_features, in_features):
@@ -1820,10 +1790,9 @@ def detach_doc_lora(model):
     model.head_lora = None
 
 def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
-    """Score-first TTT per document: each document alone (its context only its own tokens, at most EVAL_SEQ_LEN),
-    with a fresh LoRA adapted by one Adam step after each TTT_DOC_CHUNK of its targets is scored. Every target is
-    scored once, by weights that saw only earlier targets of its document (and, phased, documents scored before
-    it) -> (val_loss, val_bpb, this rank's loss of each target, 0 where another rank scored it)."""
+    """Score-first TTT per document (its context: its own tokens, at most EVAL_SEQ_LEN), a fresh LoRA adapted by an
+    Adam step after each TTT_DOC_CHUNK of its targets is scored: each target by weights that saw only earlier ones
+    (and, phased, earlier documents) -> (val_loss, val_bpb, this rank's loss of each target, 0 for other ranks')."""
     E, K, rows = hp.eval_seq_len, hp.ttt_doc_chunk, hp.ttt_doc_batch
     docs = document_targets(tokens, model.bos_id)
     mine = sorted(docs[ctx.rank::ctx.world_size], key=lambda d: d[0] - d[1])  # longest first: similar rows together
@@ -1853,13 +1822,8 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
             # row i scores targets lo+cK+1..t from the window tokens[w:t], w >= lo (finished rows: nothing)
             spans = [(max(lo, t - E), t, lo + c * K) for lo, hi in batch for t in [min(lo + (c + 1) * K, hi)]]
             width = max(t - w for (w, t, _), n in zip(spans, chunks) if c < n)
-            x = torch.zeros(len(batch), width, dtype=torch.int64)
-            y, scored = torch.zeros_like(x), torch.zeros(len(batch), width, dtype=torch.bool)
-            for i, (w, t, done) in enumerate(spans):
-                if c < chunks[i]:
-                    x[i, :t - w], y[i, :t - w] = tokens[w:t], tokens[w + 1:t + 1]
-                    scored[i, done - w:t - w] = True
-            x, y, scored = x.to(ctx.device), y.to(ctx.device), scored.to(ctx.device)
+            x, y, scored = (t.to(ctx.device) for t in padded_batch(
+                tokens, [span if c < n else (0, 0, 0) for span, n in zip(spans, chunks)], len(batch), width))
             with autocast(ctx.device):
                 loss = model(x, y)
             stats += torch.stack([loss.detach()[scored].double().sum(), scored.sum().double(),
@@ -1899,7 +1863,6 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
 
 # ----------------------------------------------------------------------------------------------
 # MAIN
-# ----------------------------------------------------------------------------------------------
 
 class Context:
     @staticmethod
@@ -1970,9 +1933,8 @@ def describe(hp, model, log, code_bytes):
     int6, int8 = (sum(p.numel() for k, p in kinds if k == kind) for kind in ("int6", "int8"))
     flt, cap = report["total"] - int6 - int8, int(hp.target_mb * 1e6)
     rows = sum(p.size(0) for k, p in kinds if k != "float")
-    # bytes a value after compression, fitted on trained runs (a guide: trained weights vary): a Gaussian row's
-    # entropy on its grid, 2.05 - log2(step / std), + 0.2 for heavier tails at max-abs steps (about 3.3 stds / qmax);
-    # 2.10 - log2(step / std) at std-based ones. Row scales about a byte each, the float tensors fp16
+    # bytes a value after compression: a Gaussian row's entropy on its grid, fitted on trained runs
+    # (docs/quantization.md); row scales about a byte each, the float tensors fp16
     def value_bytes(qmax, sigmas):
         return (2.10 + math.log2(qmax / sigmas) if sigmas else 2.25 + math.log2(qmax / 3.3)) / 8
     expected = int(value_bytes(INT6_MAX, hp.quant_sigmas) * int6 + value_bytes(INT8_MAX, hp.quant_embed_sigmas) * int8
@@ -2023,8 +1985,7 @@ def write_artifact(quantized, model, hessians, hp, ctx, code_bytes, log):
     return path, total
 
 def final_evaluation(model, val_tokens, hp, ctx, luts, log):
-    """Roundtrip (plain, TRAIN_SEQ_LEN windows), sliding and TTT scores (EVAL_SEQ_LEN windows) of the loaded
-    artifact; val_bpb is the last one run."""
+    """The loaded artifact's roundtrip (TRAIN_SEQ_LEN), sliding and TTT scores; val_bpb is the last one run."""
     L, E = hp.train_seq_len, hp.eval_seq_len
     t0 = time.time()
     loss, bpb = evaluate(model, val_tokens, L, L, eval_rows(hp, ctx, L), ctx, luts, log)
