@@ -732,8 +732,9 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, return_final_
     return (y, final_state) if return_final_state else y
 
 def lora_delta(x, lora):
-    """Document TTT's low-rank delta, one per batch row: x (rows, L, in) @ A^T @ B^T, A (rows, r, in), B (rows, out, r)."""
-    a, b = lora
+    """Document TTT's low-rank delta, one per batch row: x (rows, L, in) @ A^T @ B^T, A (n, r, in), B (n, out, r),
+    n >= rows: the batch holds the first rows of the LoRA's (finished documents leave it from the end)."""
+    a, b = (f[:x.size(0)] for f in lora)
     return (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
 
 class CastedLinear(nn.Linear):
@@ -821,7 +822,7 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         x, B, C = causal_conv1d(xBC, self.conv_weight, self.conv_bias).split([self.d_inner, gn, gn], dim=-1)
         x = x.reshape(b, L, self.nheads, self.headdim)
-        dt = F.softplus(dt.float() + self.dt_bias + (0 if self.dt_delta is None else self.dt_delta[:, None]))
+        dt = F.softplus(dt.float() + self.dt_bias + (0 if self.dt_delta is None else self.dt_delta[:b, None]))
         y = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B.view(b, L, self.ngroups, -1),
                      C.view(b, L, self.ngroups, -1), self.chunk_size)
         y = (y + x * self.D.to(x.dtype)[:, None]).reshape(b, L, self.d_inner)
@@ -1819,18 +1820,19 @@ def evaluate_doc_ttt(model, tokens, hp, ctx, luts, log=print):
                                lr=hp.ttt_doc_lr)
         chunks = [math.ceil((hi - lo) / K) for lo, hi in batch]
         for c in range(max(chunks)):
-            # row i scores targets lo+cK+1..t from the window tokens[w:t], w >= lo (finished rows: nothing)
-            spans = [(max(lo, t - E), t, lo + c * K) for lo, hi in batch for t in [min(lo + (c + 1) * K, hi)]]
-            width = max(t - w for (w, t, _), n in zip(spans, chunks) if c < n)
-            x, y, scored = (t.to(ctx.device) for t in padded_batch(
-                tokens, [span if c < n else (0, 0, 0) for span, n in zip(spans, chunks)], len(batch), width))
+            # longest first, so the documents with targets left are the batch's first rows: only they run
+            live = sum(n > c for n in chunks)
+            # row i scores targets lo+cK+1..t from the window tokens[w:t], w >= lo
+            spans = [(max(lo, t - E), t, lo + c * K) for lo, hi in batch[:live] for t in [min(lo + (c + 1) * K, hi)]]
+            width = max(t - w for w, t, _ in spans)
+            x, y, scored = (t.to(ctx.device) for t in padded_batch(tokens, spans, live, width))
             with autocast(ctx.device):
                 loss = model(x, y)
             stats += torch.stack([loss.detach()[scored].double().sum(), scored.sum().double(),
                                   target_bytes(x[scored], y[scored], luts).sum()])
             targets = (torch.tensor([w + 1 for w, _, _ in spans])[:, None] + torch.arange(width)).to(ctx.device)
             per_target[targets[scored]] = loss.detach()[scored].float()
-            adapt = scored & torch.tensor([c < n - 1 for n in chunks], device=ctx.device)[:, None]
+            adapt = scored & torch.tensor([c < n - 1 for n in chunks[:live]], device=ctx.device)[:, None]
             if adapt.any():  # each row's factors get only its own document's gradient
                 (loss[adapt].sum() / adapt.sum()).backward()
                 opt.step()

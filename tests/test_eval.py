@@ -551,6 +551,21 @@ def test_doc_ttt_is_score_first_and_documents_never_see_each_other(model, luts):
     torch.testing.assert_close(frozen[lo + 1:lo + 9], before[lo + 1:lo + 9])  # the first chunk is scored before any step
 
 
+def test_doc_ttt_runs_only_the_documents_with_targets_left(model, luts):
+    """A finished document leaves its batch: each step runs only the rows of the documents with targets left
+    (at the proxy's document lengths, finished rows were most of the work)."""
+    lengths = [5, 40, 17, 3, 26]  # targets 6, 41, 18, 4, 26 (each up to the next BOS): chunks of 8: 1, 6, 3, 1, 4
+    tokens = doc_stream(lengths, seed=40)
+    rows = []
+    m = copy.deepcopy(model)
+    m.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    m.bos_id = BOS
+    hp = doc_hp(TTT_DOC_LR=0.05, TTT_DOC_BATCH=5)
+    _, _, together = tg.evaluate_doc_ttt(m, tokens, hp, CTX, luts, log=lambda msg: None)
+    assert rows == [5, 3, 3, 2, 1, 1]  # the 6-, 4- and 3-chunk documents outlast the two short ones
+    assert bool((together[1:] > 0).all())  # every target scored (which rows' LoRA scores them: the score-first test)
+
+
 def test_doc_ttt_ssm_also_shifts_each_mamba2_dt_bias_per_document(model, luts):
     """TTT_DOC_SSM=1: a per-document shift of every Mamba-2's dt bias adapts beside the LoRA. It starts at zero (the
     first chunk of each document scores as without it), then changes later scores; it is gone afterwards."""
