@@ -439,10 +439,11 @@ def load_data_shard(path) -> Tensor:
 def shard_paths(data_path, split):
     return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
 
-def data_problems(hp):
-    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them (headers only)."""
+def data_problems(hp, splits=("train", "val")):
+    """What the data and the tokenizer lack, one line a problem, in the order a user fixes them (headers only).
+    splits: the shards needed (an evaluation alone needs only val)."""
     problems, where = [], f"DATA_PATH={hp.data_path}"
-    files = {split: shard_paths(hp.data_path, split) for split in ("train", "val")}
+    files = {split: shard_paths(hp.data_path, split) for split in splits}
     if not os.path.isdir(hp.data_path):
         problems.append(f"{where} does not exist: download the data: {DOWNLOAD_HINT} (or set DATA_PATH to your shards)")
     else:
@@ -470,7 +471,7 @@ def data_problems(hp):
                     problems.append(f"{what} by the BOS token, but TOKENIZER_PATH={hp.tokenizer_path} has none: use "
                                     f"a tokenizer with a BOS, or {off}")
     counts, bad = {}, []
-    for path in files["train"] + files["val"]:
+    for path in sum(files.values(), []):
         try:
             counts[path] = shard_token_count(path)
         except (ValueError, OSError) as e:

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import train_gpt as tg
@@ -171,6 +172,35 @@ def test_queue_rescores_an_artifact_without_training(tmp_path):
     assert "trained-seed1337: steps 10" in r.stdout  # the training run went through the runner
 
 
+def test_queue_brings_back_artifacts_and_rescores_one_from_an_earlier_machine(tmp_path):
+    """A training run's artifact comes back with its log; a spec whose run is not on this machine takes the
+    artifact and log from the kept folder (carried there) and scores them on the staged validation data."""
+    (tmp_path / "eval.sh").write_text('echo "scoring $*"; ls "$PROXY_LOGS"\n')
+    dirs = dict(PROXY_LOGS=str(tmp_path / "logs"), PROXY_ARTIFACTS=str(tmp_path / "kept"), PROXY_DATA="staged/val",
+                PROXY_EVAL=f"bash {tmp_path / 'eval.sh'}")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "crashed-seed1337.artifact").write_bytes(b"stale")  # from before the queue: never sent back
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "earlier-seed1337.artifact").write_bytes(b"weights")
+    (tmp_path / "kept" / "earlier-seed1337.log").write_text("config {}\n")
+    time.sleep(1.1)  # file times have a second's resolution on some file systems
+    trains = STUB_RUNNER + 'echo weights > "$PROXY_LOGS/$RUN_ID.artifact"\n'
+    r = queue(tmp_path, "fresh", "crashed", "doc ARTIFACT_OF=earlier-seed1337 TTT_MODE=doc", runner=trains, **dirs)
+    assert r.returncode == 0, r.stderr
+    r = queue(tmp_path, "wait", "30", **dirs)
+    assert r.stdout.splitlines()[-1] == "queue: done", r.stdout
+    assert (tmp_path / "out" / "fresh-seed1337.artifact").read_text() == "weights\n"
+    assert not (tmp_path / "out" / "crashed-seed1337.artifact").exists()  # it crashed: the stale one stays
+    log = (tmp_path / "out" / "doc-seed1337.log").read_text()
+    assert "scoring earlier-seed1337 TTT_MODE=doc DATA_PATH=staged/val" in log
+    assert "earlier-seed1337.artifact" in log and "earlier-seed1337.txt" in log  # copied where eval_artifact reads
+    (tmp_path / "kept" / "earlier-seed1337.log").unlink()  # a run found nowhere: passed on as it is, eval says so
+    shutil.rmtree(tmp_path / "logs")
+    queue(tmp_path / "q2", "doc ARTIFACT_OF=earlier-seed1337", **dirs)
+    r = queue(tmp_path / "q2", "wait", "30", **dirs)
+    assert "scoring earlier-seed1337\n" in (tmp_path / "q2" / "out" / "doc-seed1337.log").read_text()
+
+
 def test_queue_wait_reports_a_run_still_going_and_refuses_bad_input(tmp_path):
     r = queue(tmp_path, "slow", runner="sleep 4\n" + STUB_RUNNER)
     assert r.returncode == 0, r.stderr
@@ -314,6 +344,8 @@ def test_eval_artifact_rescores_a_finished_run_at_another_context(tmp_path):
     run = json.loads(r.stdout.strip().splitlines()[-1][len("final_summary "):])
     # SMOKE's corpus is removed at exit; its maker is deterministic, so the same data is made again
     inputs = make_inputs(tmp_path / "data")
+    for shard in Path(inputs["DATA_PATH"]).glob("fineweb_train_*.bin"):  # an evaluation needs only the val split
+        shard.unlink()
     paths = [f"{k}={inputs[k]}" for k in ("DATA_PATH", "TOKENIZER_PATH")]
     e = eval_artifact(tmp_path, "rescored", "EVAL_SEQ_LEN=256", "TTT_ENABLED=1", "TTT_MODE=doc", *paths)
     assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]

@@ -67,7 +67,7 @@ def main():
     if env is not None:
         hp = tg.Hyperparameters(env, raise_errors=False)
         own = hp.problems()
-        problems += own + ([] if own else tg.data_problems(hp))
+        problems += own + ([] if own else tg.data_problems(hp, splits=("val",)))  # no training: no train shards
     tg.stop_on_problems(problems, quiet)
     ctx = tg.Context()
     log = print if ctx.is_main else (lambda msg: None)

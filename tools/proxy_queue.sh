@@ -12,11 +12,16 @@
 # per run, and the last lines of the one running. One queue at a time per machine.
 # A spec with ARTIFACT_OF=<RUN_ID> trains nothing: it scores that earlier run's artifact again with the spec's
 # evaluation settings (tools/eval_artifact.py), e.g. 'hybrid-e4096 ARTIFACT_OF=hybrid-0-1-10-seed1337 EVAL_SEQ_LEN=4096'.
+# A training run's artifact comes back with its log (<RUN_ID>.artifact, about 16 MB): kept in .artifacts/ with the
+# .log and carried, it is rescored on a later machine that has only the validation split staged (docs/experiments.md).
 set -uo pipefail
 source "$(dirname "$0")/proxy_specs.sh"
 runner=${PROXY_RUNNER:-.bench/run_proxy.sh}
 queue=${PROXY_QUEUE_DIR:-/tmp/proxy_queue}
 out=${OUT:-/tmp/proxy_out}
+logs=${PROXY_LOGS:-logs}              # where train_gpt.py leaves <RUN_ID>.txt and .artifact
+kept=${PROXY_ARTIFACTS:-.artifacts}   # artifacts and logs brought back from earlier machines, carried
+data=${PROXY_DATA:-data/datasets/proxy_sp${VOCAB_SIZE:-8192}}
 
 if [ "${1:-}" = wait ]; then
   seconds=${2:-540}
@@ -51,6 +56,11 @@ if [ "${1:-}" = __worker ]; then  # the detached part: the runs in order, then t
     of=$(printf '%s\n' "${settings[@]}" | sed -n 's/^ARTIFACT_OF=//p')
     if [ -n "$of" ]; then
       mapfile -t rest < <(printf '%s\n' "${settings[@]}" | grep -v '^ARTIFACT_OF=')
+      if [ ! -f "$logs/$of.artifact" ] && [ -f "$kept/$of.artifact" ] && [ -f "$kept/$of.log" ]; then
+        # trained on an earlier machine: its artifact and log from $kept, scored on this machine's validation split
+        mkdir -p "$logs" && cp "$kept/$of.artifact" "$logs/" && cp "$kept/$of.log" "$logs/$of.txt"
+        printf '%s\n' "${rest[@]}" | grep -q '^DATA_PATH=' || rest+=("DATA_PATH=$data")
+      fi
       ( [ -f .bench/gpu_env.sh ] && source .bench/gpu_env.sh
         timeout "${PROXY_TIMEOUT:-1500}" ${PROXY_EVAL:-torchrun --standalone --nproc_per_node=$(nvidia-smi -L | wc -l) tools/eval_artifact.py} \
           "$of" "${rest[@]}" ) > "$queue/$id.console" 2>&1
@@ -59,6 +69,7 @@ if [ "${1:-}" = __worker ]; then  # the detached part: the runs in order, then t
     else
       env "${settings[@]}" SEED="$(spec_seed "$spec")" RUN_ID="$id" OUT="$queue/out" \
         timeout "${PROXY_TIMEOUT:-1500}" bash "$runner" > "$queue/$id.console" 2>&1
+      [ "$logs/$id.artifact" -nt "$queue/ids" ] && cp "$logs/$id.artifact" "$queue/out/"  # this run's, not a stale one
     fi
     touch "$queue/$id.finished"
   done
