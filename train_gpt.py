@@ -595,7 +595,7 @@ def causal_conv1d(x, weight, bias):
     return causal_conv1d_torch(x, weight, bias)
 
 # torch.cumsum over the last dim as an opaque op. Inductor's split scan (129+ elements, few rows) fails to
-# compile an input with a broadcast in it, as dt * A has, before torch 2.12 (pytorch/pytorch#180221)
+# compile an input with a broadcast in it, as dt * A has, in torch 2.11 (pytorch/pytorch#180221, fixed later)
 @torch.library.custom_op("pgolf::cumsum_last", mutates_args=())
 def cumsum_last(x: Tensor) -> Tensor:
     return torch.cumsum(x.contiguous(), dim=-1)  # contiguous out, whatever the input's strides: as the fake says
