@@ -102,6 +102,27 @@ def test_compiled_ssd_scan_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_hybrid_compiles_whole_with_the_pytorch_scan():
+    """A Mamba-2 block and an attention block under torch.compile with no graph break, the PyTorch scan and its
+    opaque cumsum inside: loss and every gradient as eager. The GPU suite compiles the whole SMOKE-sized model
+    with the kernels; this is what a machine without mamba_ssm compiles (small: CPU compiles are slow)."""
+    hp = make_hp(NUM_LAYERS=2, MAMBA_LAYERS=0, RECUR_LAYERS="", PARALLEL_FROM=0, MAMBA_CHUNK_SIZE=16)
+    torch.manual_seed(0)
+    model = tg.HybridGPT(hp)
+    ids = torch.randint(0, hp.vocab_size, (2, 65))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    losses, grads = [], []
+    for run in (compiled, model):
+        loss = run(ids[:, :-1], ids[:, 1:]).mean()
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_causal_conv_matches_conv1d():
     x, w, bias = torch.randn(2, 19, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     ref = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w[:, None, :], bias, groups=6)).transpose(1, 2)
