@@ -10,7 +10,9 @@ or by GPTQ on the output head's Hessian, and (7) the artifact as one LZMA stream
 settings or by Brotli (if the brotli package imports), (8) LQER's rank-4 error correction, and (9) val_bpb
 with each group of weights (Mamba-2 in_proj, out_proj, attention, MLP, tables) alone quantized, and the Mamba-2
 in_proj by role (z, x, B, C, dt rows): each role's share of the Hessian-weighted error, its values' entropy,
-and val_bpb with only that role quantized, or with it kept in float while the rest is quantized.
+and val_bpb with only that role quantized, or with it kept in float while the rest is quantized; (10) fitting a
+cap a little under the artifact by lowering whole matrices' bit widths (the export) or by widening every int6
+grid step a little.
 usage: python3 tools/quant_study.py [--seconds 100] [--threads 2]"""
 import argparse, bz2, lzma, sys, tempfile, types, zlib
 from pathlib import Path
@@ -240,3 +242,23 @@ for role, r in rows.items():
     kept = val_bpb(with_rows(deq, state, role)) - float_bpb
     print(f"  {role:>2}: {r.stop - r.start:4d} rows a block, {share:6.1%} of in_proj's error (rows {(r.stop - r.start) / start:5.1%}), "
           f"{bits:.2f} bits a value; only it quantized {only:+.5f}, it kept float {kept:+.5f}")
+
+print("\n10. a cap a little under the artifact, at the export's grids: lower whole matrices' bit widths (what the export"
+      " does) or widen every int6 matrix's grid step (QUANT_SIGMAS times f, the smallest f that fits, by bisection)")
+quiet = lambda m: None  # noqa: E731
+b0 = tg.serialize(qd)
+print(f"  {len(b0):,} model bytes at QUANT_SIGMAS={hp.quant_sigmas:g}: val_bpb {all_bpb:.4f} (float {float_bpb:.4f})")
+for frac in (0.0025, 0.005, 0.01, 0.02):
+    limit = int(len(b0) * (1 - frac))
+    lowered = tg.fit_to_cap(qd, model, hessians, limit, log=quiet, sigmas=hp.quant_sigmas)
+    lo, hi = 1.0, 1.0 + 20 * frac
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        fits = len(tg.serialize(tg.quantize_model(model, hessians, log=quiet, sigmas=hp.quant_sigmas * mid,
+                                                  embed_sigmas=hp.quant_embed_sigmas))) <= limit
+        lo, hi = (lo, mid) if fits else (mid, hi)
+    widened = tg.serialize(tg.quantize_model(model, hessians, log=quiet, sigmas=hp.quant_sigmas * hi,
+                                             embed_sigmas=hp.quant_embed_sigmas))
+    by_bits, by_step = (val_bpb(tg.deserialize(b)) for b in (lowered, widened))
+    print(f"  {frac:.2%} under ({limit:,}): lowered {len(lowered):,} B val_bpb {by_bits:.4f} ({by_bits - all_bpb:+.5f})"
+          f" | widened x{hi:.4f} {len(widened):,} B val_bpb {by_step:.4f} ({by_step - all_bpb:+.5f})")
