@@ -201,6 +201,23 @@ def test_queue_brings_back_artifacts_and_rescores_one_from_an_earlier_machine(tm
     assert "scoring earlier-seed1337\n" in (tmp_path / "q2" / "out" / "doc-seed1337.log").read_text()
 
 
+def test_queue_wait_brings_back_no_more_than_a_call_returns(tmp_path):
+    """The device tool returns at most 8 files a call: a run whose files would not fit waits for the next call,
+    and is never marked as brought back before it is."""
+    trains = STUB_RUNNER + 'echo weights > "$PROXY_LOGS/$RUN_ID.artifact"\n'
+    env = dict(PROXY_LOGS=str(tmp_path / "logs"), PROXY_MAX_FILES="3")
+    (tmp_path / "logs").mkdir(parents=True)
+    assert queue(tmp_path, "a", "b", runner=trains, **env).returncode == 0
+    r = queue(tmp_path, "wait", "30", **env)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-seed1337.artifact", "a-seed1337.json"]
+    assert "b-seed1337: finished; its files come with the next wait" in r.stdout
+    assert r.stdout.splitlines()[-1] == "queue: 1 runs' files still to bring back; wait again"
+    shutil.rmtree(tmp_path / "out")
+    r = queue(tmp_path, "wait", "1", **env)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b-seed1337.artifact", "b-seed1337.json"]
+    assert r.stdout.splitlines()[-1] == "queue: done"
+
+
 def test_queue_wait_reports_a_run_still_going_and_refuses_bad_input(tmp_path):
     r = queue(tmp_path, "slow", runner="sleep 4\n" + STUB_RUNNER)
     assert r.returncode == 0, r.stderr

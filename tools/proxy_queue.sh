@@ -8,8 +8,9 @@
 # settings for all come from the environment. Every run uses all the machine's GPUs and stops after
 # PROXY_TIMEOUT seconds (default 1500). `wait SECONDS` returns when the queue is done or after SECONDS,
 # with the .log and .json (.console too when it left no summary) of each run finished since the last wait
-# in $OUT (the device tool brings back 8 files a call; PROXY_COLLECT_ALL=1: every finished run's), a line
-# per run, and the last lines of the one running. One queue at a time per machine.
+# in $OUT (at most 8 files and 60 MiB, what the device tool returns a call: the rest come with the next wait;
+# PROXY_COLLECT_ALL=1: every finished run's again), a line per run, and the last lines of the one running.
+# One queue at a time per machine.
 # A spec with ARTIFACT_OF=<RUN_ID> trains nothing: it scores that earlier run's artifact again with the spec's
 # evaluation settings (tools/eval_artifact.py), e.g. 'hybrid-e4096 ARTIFACT_OF=hybrid-0-1-10-seed1337 EVAL_SEQ_LEN=4096'.
 # A training run's artifact comes back with its log (<RUN_ID>.artifact, about 16 MB): kept in .artifacts/ with the
@@ -30,11 +31,19 @@ if [ "${1:-}" = wait ]; then
   end=$(( $(date +%s) + seconds ))
   while [ "$(date +%s)" -lt "$end" ] && [ ! -f "$queue/done" ]; do sleep 1; done
   mkdir -p "$out"
+  held=0  # runs whose files did not fit this call: the device tool returns at most 8 files and 64 MiB a call
   while read -r id; do
     if [ -f "$queue/$id.finished" ]; then
       if [ ! -f "$queue/$id.collected" ] || [ -n "${PROXY_COLLECT_ALL:-}" ]; then
-        cp "$queue/out/$id".* "$out/" 2>/dev/null
-        [ -s "$queue/out/$id.json" ] || cp "$queue/$id.console" "$out/"
+        files=("$queue/out/$id".*)
+        [ -s "$queue/out/$id.json" ] || files+=("$queue/$id.console")
+        mapfile -t files < <(ls -d "${files[@]}" 2>/dev/null)
+        n=$(( $(find "$out" -type f | wc -l) + ${#files[@]} ))
+        bytes=$(( $(du -cb "$out" "${files[@]}" 2>/dev/null | tail -n 1 | cut -f1) ))
+        if [ "$n" -gt "${PROXY_MAX_FILES:-8}" ] || [ "$bytes" -gt "${PROXY_MAX_BYTES:-62914560}" ]; then
+          echo "$id: finished; its files come with the next wait (this call's are full)"; held=$((held + 1)); continue
+        fi
+        cp "${files[@]}" "$out/"
         touch "$queue/$id.collected"
       fi
       summary_line "$queue/out/$id.json" "$id"
@@ -44,7 +53,8 @@ if [ "${1:-}" = wait ]; then
       echo "$id: waiting"
     fi
   done < "$queue/ids"
-  if [ -f "$queue/done" ]; then echo "queue: done"; else echo "queue: still running; wait again"; fi
+  if [ "$held" -gt 0 ]; then echo "queue: $held runs' files still to bring back; wait again"
+  elif [ -f "$queue/done" ]; then echo "queue: done"; else echo "queue: still running; wait again"; fi
   exit 0
 fi
 
