@@ -31,7 +31,7 @@ if [ "${1:-}" = wait ]; then
   end=$(( $(date +%s) + seconds ))
   while [ "$(date +%s)" -lt "$end" ] && [ ! -f "$queue/done" ]; do sleep 1; done
   mkdir -p "$out"
-  held=0  # runs whose files did not fit this call: the device tool returns at most 8 files and 64 MiB a call
+  held=0  # runs whose files did not fit this call (the device tool returns 8 files, 64 MiB; 60 MiB leaves room)
   while read -r id; do
     if [ -f "$queue/$id.finished" ]; then
       if [ ! -f "$queue/$id.collected" ] || [ -n "${PROXY_COLLECT_ALL:-}" ]; then
